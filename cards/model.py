@@ -1,0 +1,145 @@
+"""The cards the clinical rules produce, and their CDS Hooks 2.0.1 JSON form.
+
+Optional members that have no value are omitted (the spec prohibits ``null``, ``""``, ``[]`` and
+``{}``). Every card and every suggestion gets a uuid so that clients can send feedback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from cards.codes import FHIR_PROFILES_DIR
+
+Indicator = Literal["info", "warning", "critical"]
+ActionType = Literal["create", "update", "delete"]
+
+# Card topics: one code per rule family, so feedback and metrics can be grouped by rule.
+TOPIC_SYSTEM = "http://fhir.cmv-cds.org/CodeSystem/cmv-cds-rule"
+
+
+def new_uuid() -> str:
+    return str(uuid.uuid4())
+
+
+@dataclass(frozen=True)
+class Coding:
+    system: str
+    code: str
+    display: str | None = None
+
+    def to_json(self) -> dict[str, str]:
+        data = {"system": self.system, "code": self.code}
+        if self.display:
+            data["display"] = self.display
+        return data
+
+
+@dataclass(frozen=True)
+class Source:
+    label: str
+    url: str | None = None
+
+    def to_json(self, topic: Coding) -> dict[str, Any]:
+        data: dict[str, Any] = {"label": self.label, "topic": topic.to_json()}
+        if self.url:
+            data["url"] = self.url
+        return data
+
+
+@dataclass(frozen=True)
+class Action:
+    type: ActionType
+    description: str
+    resource: dict[str, Any] | None = None
+    resource_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"type": self.type, "description": self.description}
+        if self.resource is not None:
+            data["resource"] = self.resource
+        if self.resource_id is not None:
+            data["resourceId"] = self.resource_id
+        return data
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    label: str
+    actions: tuple[Action, ...]
+    is_recommended: bool = False
+    uuid: str = field(default_factory=new_uuid)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"label": self.label, "uuid": self.uuid, "isRecommended": self.is_recommended}
+        if self.actions:
+            data["actions"] = [action.to_json() for action in self.actions]
+        return data
+
+
+@dataclass(frozen=True)
+class Link:
+    label: str
+    url: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"label": self.label, "url": self.url, "type": "absolute"}
+
+
+@dataclass(frozen=True)
+class Card:
+    """One card. ``rule_id`` names the rule that produced it (topic code, metrics, feedback)."""
+
+    rule_id: str
+    summary: str
+    indicator: Indicator
+    detail: str
+    source: Source
+    suggestions: tuple[Suggestion, ...] = ()
+    selection_behavior: Literal["at-most-one", "any"] | None = None
+    links: tuple[Link, ...] = ()
+    uuid: str = field(default_factory=new_uuid)
+
+    def __post_init__(self) -> None:
+        # Guard the spec's invariants at construction so a rule cannot emit a malformed card.
+        if not 0 < len(self.summary) < 140:
+            raise ValueError(f"card summary must be 1-139 characters ({self.rule_id}: {len(self.summary)})")
+        if self.suggestions and self.selection_behavior is None:
+            raise ValueError(f"card {self.rule_id} has suggestions but no selectionBehavior")
+
+    @property
+    def topic(self) -> Coding:
+        return Coding(TOPIC_SYSTEM, self.rule_id, self.rule_id.replace("-", " "))
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "uuid": self.uuid,
+            "summary": self.summary,
+            "indicator": self.indicator,
+            "source": self.source.to_json(self.topic),
+        }
+        if self.detail:
+            data["detail"] = self.detail
+        if self.suggestions:
+            data["suggestions"] = [s.to_json() for s in self.suggestions]
+            data["selectionBehavior"] = self.selection_behavior
+        if self.indicator in ("warning", "critical"):
+            data["overrideReasons"] = [reason.to_json() for reason in override_reasons()]
+        if self.links:
+            data["links"] = [link.to_json() for link in self.links]
+        return data
+
+
+@functools.cache
+def override_reasons() -> tuple[Coding, ...]:
+    """Override reasons offered on warning/critical cards, from fhir_profiles (not restated here)."""
+    path = FHIR_PROFILES_DIR / "ValueSet-cds-override-reasons.json"
+    value_set = json.loads(path.read_text(encoding="utf-8"))
+    return tuple(
+        Coding(include["system"], concept["code"], concept["display"])
+        for include in value_set["compose"]["include"]
+        for concept in include["concept"]
+    )

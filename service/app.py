@@ -1,0 +1,127 @@
+"""Flask application factory for the CMV antiviral CDS Hooks service."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask, Response, g, request
+
+from service.auth import Authenticator, build_authenticator
+from service.config import Settings
+from service.errors import NotFound, json_response, register_error_handlers
+from service.hooks import parse_json_object, run_hook, validate_request
+from service.logs import configure_logging
+from service.registry import SERVICES, ServiceDefinition, discovery_document
+from service.store import FeedbackStore, IssuedCard
+from service.validation import validate
+
+log = logging.getLogger("cmv_cds.app")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the app. ``config`` overrides ``CMV_CDS_*`` environment variables (see README)."""
+    settings = Settings.load(config)
+    configure_logging(settings.log_level)
+
+    app = Flask("cmv_cds")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    store = FeedbackStore(settings.database_url)
+    store.create_schema()
+    authenticator: Authenticator = build_authenticator(settings)
+    app.extensions["cmv_cds"] = {"settings": settings, "store": store, "authenticator": authenticator}
+    register_error_handlers(app)
+
+    if not settings.require_auth:
+        log.warning(
+            "AUTHENTICATION DISABLED: CMV_CDS_REQUIRE_AUTH=false; any caller can invoke the services. "
+            "Use only for local development.",
+            extra={"setting": "CMV_CDS_REQUIRE_AUTH"},
+        )
+
+    @app.before_request
+    def _start() -> None:
+        g.started = time.perf_counter()
+        supplied = request.headers.get("X-Request-ID", "")
+        g.request_id = supplied if _REQUEST_ID.match(supplied) else str(uuid.uuid4())
+        if settings.require_auth:
+            authenticator.authenticate(request.headers.get("Authorization"), _endpoint_url(settings))
+
+    @app.after_request
+    def _finish(response: Response) -> Response:
+        response.headers["X-Request-ID"] = g.get("request_id", "")
+        response.headers["Cache-Control"] = "no-store"
+        log.info(
+            "request",
+            extra={
+                "request_id": g.get("request_id"),
+                "method": request.method,
+                "path": request.url_rule.rule if request.url_rule else "unmatched",
+                "service_id": g.get("service_id"),
+                "hook_instance": g.get("hook_instance"),
+                "status": response.status_code,
+                "card_count": g.get("card_count"),
+                "rules": g.get("rules"),
+                "latency_ms": round((time.perf_counter() - g.get("started", time.perf_counter())) * 1000, 2),
+            },
+        )
+        return response
+
+    @app.get("/cds-services")
+    def discovery() -> Response:
+        return json_response(discovery_document())
+
+    @app.post("/cds-services/<service_id>")
+    def call_service(service_id: str) -> Response:
+        service = _service(service_id)
+        body = parse_json_object(request.get_data(cache=False))
+        validate_request(service, body)
+        g.hook_instance = body["hookInstance"]
+        cards = run_hook(service, body, settings)
+        rendered = [card.to_json() for card in cards]
+        store.record_cards(
+            service.id,
+            body["hookInstance"],
+            [
+                IssuedCard(card.uuid, card.rule_id, card.indicator, tuple(s.uuid for s in card.suggestions))
+                for card in cards
+            ],
+        )
+        g.card_count = len(cards)
+        g.rules = [card.rule_id for card in cards]
+        return json_response({"cards": rendered})
+
+    @app.post("/cds-services/<service_id>/feedback")
+    def feedback(service_id: str) -> Response:
+        service = _service(service_id)
+        body = parse_json_object(request.get_data(cache=False))
+        validate(body, "feedback.schema.json")
+        result = store.store_feedback(service.id, body["feedback"])
+        log.info(
+            "feedback stored",
+            extra={"service_id": service.id, "feedback_count": result.stored, "unknown_cards": result.unknown_cards},
+        )
+        return json_response({"stored": result.stored, "unknownCards": result.unknown_cards})
+
+    return app
+
+
+def _service(service_id: str) -> ServiceDefinition:
+    g.service_id = service_id if service_id in SERVICES else None
+    service = SERVICES.get(service_id)
+    if service is None:
+        raise NotFound(f"no CDS service with id '{service_id[:64]}'", expression="id")
+    return service
+
+
+def _endpoint_url(settings: Settings) -> str:
+    """The URL the client called, as it must appear in the JWT ``aud`` (public base URL behind a proxy)."""
+    if settings.public_base_url:
+        return settings.public_base_url.rstrip("/") + request.path
+    return request.base_url

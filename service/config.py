@@ -1,0 +1,108 @@
+"""Service configuration: environment variables prefixed ``CMV_CDS_`` with safe defaults.
+
+Every setting is documented in the README ("Configuration"). ``create_app(config)`` accepts a
+mapping that overrides the environment, keyed either by the field name (``require_auth``) or by the
+environment variable name (``CMV_CDS_REQUIRE_AUTH``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+ENV_PREFIX = "CMV_CDS_"
+
+DosingWeight = Literal["actual", "adjusted"]
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; raised at start-up, never per request."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Typed, immutable service settings."""
+
+    # Authentication: every request (discovery included) needs a CDS Hooks JWT unless this is false.
+    require_auth: bool = True
+    # Feedback store. SQLite in the working directory by default: embedded, zero set-up.
+    database_url: str = "sqlite:///cmv-cds-feedback.sqlite3"
+    # Public base URL of the service as the EHR calls it (JWT `aud` behind a proxy). Empty: the
+    # request's own URL is used.
+    public_base_url: str = ""
+    # Calls to the EHR's FHIR server (absent prefetch keys).
+    fhir_timeout_seconds: float = 3.0
+    fhir_max_pages: int = 10
+    fhir_max_workers: int = 6
+    fhir_max_response_bytes: int = 8 * 1024 * 1024
+    # Whole-request budget for FHIR fetching, so a slow FHIR server cannot hold a worker.
+    fhir_deadline_seconds: float = 8.0
+    # Request body cap in bytes (HTTP 413 above it).
+    max_body_bytes: int = 2 * 1024 * 1024
+    # Clinical options (policy.md §3 and §6).
+    dosing_weight: DosingWeight = "actual"
+    high_viral_load_iu_ml: float = 100000.0  # policy.md §6: institutional default 100000 IU/mL
+    log_level: str = "INFO"
+    # `cmv-cds serve` (gunicorn).
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 2
+
+    @classmethod
+    def load(cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from the environment, then apply ``overrides``."""
+        env = os.environ if environ is None else environ
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for name, field in fields.items():
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is not None:
+                values[name] = _coerce(name, field.type, raw)
+        for key, raw_value in (overrides or {}).items():
+            name = key[len(ENV_PREFIX):].lower() if key.upper().startswith(ENV_PREFIX) else key.lower()
+            if name not in fields:
+                raise ConfigError(f"unknown setting {key!r}")
+            values[name] = _coerce(name, fields[name].type, raw_value)
+        settings = cls(**values)
+        settings._check()
+        return settings
+
+    def _check(self) -> None:
+        if self.dosing_weight not in ("actual", "adjusted"):
+            raise ConfigError("CMV_CDS_DOSING_WEIGHT must be 'actual' or 'adjusted'")
+        if (self.fhir_timeout_seconds <= 0 or self.fhir_deadline_seconds <= 0 or self.fhir_max_pages < 1
+                or self.fhir_max_workers < 1 or self.fhir_max_response_bytes < 1024):
+            raise ConfigError("FHIR timeout, page and worker limits must be positive")
+        if self.max_body_bytes < 1024:
+            raise ConfigError("CMV_CDS_MAX_BODY_BYTES must be at least 1024")
+        if self.high_viral_load_iu_ml <= 0:
+            raise ConfigError("CMV_CDS_HIGH_VIRAL_LOAD_IU_ML must be positive")
+        if self.public_base_url and not self.public_base_url.startswith(("http://", "https://")):
+            raise ConfigError("CMV_CDS_PUBLIC_BASE_URL must be an absolute http(s) URL")
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(name: str, declared: Any, raw: Any) -> Any:
+    type_name = declared if isinstance(declared, str) else getattr(declared, "__name__", str(declared))
+    try:
+        if type_name == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError(raw)
+        if type_name == "int":
+            return int(raw)
+        if type_name == "float":
+            return float(raw)
+        return str(raw).strip()
+    except ValueError as exc:
+        raise ConfigError(f"invalid value for {ENV_PREFIX}{name.upper()}: {raw!r}") from exc

@@ -1,0 +1,121 @@
+"""Typed protocol errors and the single edge that turns them into HTTP responses.
+
+Every non-2xx body is a FHIR OperationOutcome in JSON. Unexpected exceptions become a 500 whose body
+carries only an opaque error id; the same id is logged with the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+import orjson
+from flask import Flask, Response
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger("cmv_cds.errors")
+
+
+class CdsError(Exception):
+    """Base class: a status code, a FHIR issue code and an optional FHIRPath-like location."""
+
+    status = 400
+    issue_code = "invalid"
+
+    def __init__(self, message: str, *, expression: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.expression = expression
+
+
+class InvalidRequest(CdsError):
+    """The request body is not a valid CDS Hooks call for this service (400)."""
+
+    status = 400
+    issue_code = "invalid"
+
+
+class Unauthorized(CdsError):
+    """Missing or invalid client JWT (401). The message is deliberately generic."""
+
+    status = 401
+    issue_code = "login"
+
+
+class NotFound(CdsError):
+    """Unknown CDS service id or route (404)."""
+
+    status = 404
+    issue_code = "not-found"
+
+
+class PreconditionFailed(CdsError):
+    """Required FHIR data could not be obtained from prefetch or the FHIR server (412)."""
+
+    status = 412
+    issue_code = "incomplete"
+
+
+class PayloadTooLarge(CdsError):
+    """The request body exceeds the configured cap (413)."""
+
+    status = 413
+    issue_code = "too-costly"
+
+
+class UnsupportedMediaType(CdsError):
+    """The request is not JSON (415)."""
+
+    status = 415
+    issue_code = "not-supported"
+
+
+def operation_outcome(
+    message: str, *, issue_code: str, severity: str = "error", expression: str | None = None
+) -> dict[str, Any]:
+    """A minimal FHIR R4 OperationOutcome with one issue."""
+    issue: dict[str, Any] = {"severity": severity, "code": issue_code, "diagnostics": message}
+    if expression:
+        issue["expression"] = [expression]
+    return {"resourceType": "OperationOutcome", "issue": [issue]}
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """Serialise with orjson (fast, and rejects NaN) into a JSON response."""
+    response = Response(orjson.dumps(body), status=status, mimetype="application/json")
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def error_response(error: CdsError) -> Response:
+    headers = {"WWW-Authenticate": 'Bearer realm="cds-services"'} if error.status == 401 else None
+    body = operation_outcome(error.message, issue_code=error.issue_code, expression=error.expression)
+    return json_response(body, status=error.status, headers=headers)
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Install the one error edge: typed errors, HTTP errors and unexpected exceptions."""
+
+    @app.errorhandler(CdsError)
+    def _cds_error(error: CdsError) -> Response:
+        log.info("request refused", extra={"status": error.status, "reason": error.message})
+        return error_response(error)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        code = {404: "not-found", 405: "not-supported", 413: "too-costly"}.get(status, "invalid")
+        body = operation_outcome(error.description or error.name, issue_code=code)
+        response = json_response(body, status=status)
+        if status == 405 and error.get_response().headers.get("Allow"):
+            response.headers["Allow"] = error.get_response().headers["Allow"]
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception) -> Response:
+        error_id = str(uuid.uuid4())
+        log.error("unexpected error", exc_info=error, extra={"error_id": error_id})
+        body = operation_outcome(f"internal error (id {error_id})", issue_code="exception")
+        return json_response(body, status=500)

@@ -1,0 +1,133 @@
+"""Reads from the CDS client's FHIR server (for prefetch keys the client did not satisfy).
+
+Short timeouts, a byte cap on every response, no redirects, and paging only within the FHIR server's
+own origin: the service must never become a proxy into the hospital network.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import requests
+
+FHIR_JSON = "application/fhir+json"
+
+
+class FhirFetchError(Exception):
+    """Data could not be obtained from the FHIR server. The message names no patient data."""
+
+
+@dataclass(frozen=True)
+class FhirServer:
+    """A FHIR base URL with the bearer token the CDS client granted for this request."""
+
+    base_url: str
+    access_token: str | None
+    timeout_seconds: float
+    max_response_bytes: int
+    max_pages: int
+    deadline: float  # time.monotonic() value after which no further call is started
+
+    def _origin(self, url: str) -> tuple[str, str]:
+        parts = urlsplit(url)
+        return parts.scheme.lower(), parts.netloc.lower()
+
+    def url_for(self, relative: str) -> str:
+        return self.base_url.rstrip("/") + "/" + relative.lstrip("/")
+
+    def get_json(self, url: str, session: requests.Session) -> dict[str, Any] | None:
+        """GET one URL; None for 404/410 on a read, error for anything else that is not a JSON 200."""
+        if self._origin(url) != self._origin(self.base_url) or not url.startswith(self.base_url.rstrip("/")):
+            raise FhirFetchError("FHIR server returned a link outside its own base URL")
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise FhirFetchError("FHIR fetch deadline exceeded")
+        headers = {"Accept": FHIR_JSON}
+        if self.access_token:
+            headers["Authorization"] = f"Bearer {self.access_token}"
+        timeout = min(self.timeout_seconds, remaining)
+        try:
+            with session.get(url, headers=headers, timeout=timeout, allow_redirects=False, stream=True) as resp:
+                if resp.status_code in (404, 410):
+                    return None
+                if resp.status_code != 200:
+                    raise FhirFetchError(f"FHIR server answered HTTP {resp.status_code}")
+                body = _read_capped(resp, self.max_response_bytes, self.deadline)
+        except requests.RequestException as exc:
+            raise FhirFetchError(f"FHIR server unreachable ({type(exc).__name__})") from exc
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise FhirFetchError("FHIR server returned a body that is not JSON") from exc
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("resourceType"), str):
+            raise FhirFetchError("FHIR server returned JSON that is not a FHIR resource")
+        if parsed["resourceType"] == "OperationOutcome":
+            raise FhirFetchError("FHIR server returned an OperationOutcome")
+        return parsed
+
+    def search(self, start_url: str, session: requests.Session) -> list[dict[str, Any]]:
+        """Run a search from an absolute URL on this server and follow ``link[next]`` up to
+        ``max_pages``; return the matched resources."""
+        url: str | None = start_url
+        resources: list[dict[str, Any]] = []
+        pages = 0
+        while url:
+            pages += 1
+            if pages > self.max_pages:
+                raise FhirFetchError(f"search result has more than {self.max_pages} pages")
+            bundle = self.get_json(url, session)
+            if bundle is None:
+                raise FhirFetchError("FHIR server answered 404 to a search")
+            if bundle.get("resourceType") != "Bundle":
+                raise FhirFetchError("FHIR search did not return a Bundle")
+            resources.extend(bundle_resources(bundle))
+            url = next_link(bundle)
+        return resources
+
+
+def _read_capped(resp: requests.Response, cap: int, deadline: float) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in resp.iter_content(chunk_size=65536):
+        size += len(chunk)
+        if size > cap:
+            raise FhirFetchError(f"FHIR response larger than {cap} bytes")
+        if time.monotonic() > deadline:
+            raise FhirFetchError("FHIR fetch deadline exceeded")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def bundle_resources(bundle: dict[str, Any]) -> list[dict[str, Any]]:
+    """The resources of a Bundle's entries, skipping search-outcome entries and malformed ones."""
+    entries = bundle.get("entry")
+    if not isinstance(entries, list):
+        return []
+    found = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        search = entry.get("search")
+        if isinstance(search, dict) and search.get("mode") == "outcome":
+            continue
+        resource = entry.get("resource")
+        if isinstance(resource, dict) and isinstance(resource.get("resourceType"), str):
+            if resource["resourceType"] == "OperationOutcome":
+                continue
+            found.append(resource)
+    return found
+
+
+def next_link(bundle: dict[str, Any]) -> str | None:
+    """The ``link[relation=next].url`` of a Bundle, if any."""
+    links = bundle.get("link")
+    if not isinstance(links, list):
+        return None
+    for link in links:
+        if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
+            return str(link["url"])
+    return None

@@ -1,0 +1,66 @@
+"""One CDS Hooks call, from raw body to cards: validate, resolve prefetch, run the clinical rules."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from cards.engine import ClinicalOptions, HookRequest, evaluate, selects_cmv_antiviral
+from cards.model import Card
+from service import prefetch
+from service.config import Settings
+from service.draft_orders import split_draft_orders
+from service.errors import InvalidRequest
+from service.registry import ServiceDefinition
+from service.validation import validate
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """Decode a request body that must be a JSON object; 400 otherwise."""
+    if not raw:
+        raise InvalidRequest("request body is empty; expected a JSON object")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("request body is not valid JSON (UTF-8)") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return body
+
+
+def validate_request(service: ServiceDefinition, body: Mapping[str, Any]) -> None:
+    """Envelope schema, hook match, then the hook's context schema."""
+    validate(body, "request.schema.json")
+    if body["hook"] != service.hook:
+        raise InvalidRequest(
+            f"hook '{body['hook']}' does not match service '{service.id}', which handles '{service.hook}'",
+            expression="hook",
+        )
+    validate(body["context"], service.context_schema, prefix="context")
+
+
+def run_hook(
+    service: ServiceDefinition, body: Mapping[str, Any], settings: Settings, today: dt.date | None = None
+) -> list[Card]:
+    """Cards for a validated request. No CMV antiviral selected → no cards, and no data is fetched."""
+    context = body["context"]
+    drafts = split_draft_orders(context, all_selected=service.checks_all_draft_orders)
+    if not selects_cmv_antiviral(drafts.selected):
+        return []
+    data = prefetch.resolve(list(service.prefetch), body, settings)
+    resources = tuple(resource for key in sorted(data) for resource in data[key])
+    request = HookRequest(
+        hook=service.hook,
+        patient_id=context["patientId"],
+        today=today or dt.date.today(),
+        selected_orders=drafts.selected,
+        other_draft_orders=drafts.others,
+        resources=resources,
+    )
+    options = ClinicalOptions(
+        dosing_weight=settings.dosing_weight, high_viral_load_iu_ml=settings.high_viral_load_iu_ml
+    )
+    return evaluate(request, options)

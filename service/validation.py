@@ -1,0 +1,106 @@
+"""JSON Schema validation of CDS Hooks bodies against the schemas kept in ``service/schemas``.
+
+Validators are compiled once at import. A failure becomes an ``InvalidRequest`` (HTTP 400) whose
+OperationOutcome names the field at fault as a path such as ``context.selections[0]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError, best_match
+from referencing import Registry, Resource
+
+from service.errors import InvalidRequest
+
+SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
+
+
+@functools.cache
+def load_schema(name: str) -> dict[str, Any]:
+    """Load one schema file by name (e.g. ``request.schema.json``)."""
+    with (SCHEMA_DIR / name).open(encoding="utf-8") as handle:
+        schema: dict[str, Any] = json.load(handle)
+    return schema
+
+
+@functools.cache
+def _registry() -> Registry[Any]:
+    resources = []
+    for path in sorted(SCHEMA_DIR.glob("*.schema.json")):
+        schema = load_schema(path.name)
+        resource = Resource.from_contents(schema)
+        # Register under the $id and the bare file name so relative $refs resolve either way.
+        resources += [(schema["$id"], resource), (path.name, resource)]
+    return Registry().with_resources(resources)
+
+
+@functools.cache
+def validator(name: str) -> Draft202012Validator:
+    """A compiled validator for one schema file, sharing the registry for cross-file refs."""
+    schema = load_schema(name)
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema, registry=_registry())
+
+
+def format_path(parts: Iterable[Any], prefix: str = "") -> str:
+    """``["context", "selections", 0]`` → ``context.selections[0]``."""
+    text = prefix
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def _describe(error: ValidationError, prefix: str) -> tuple[str, str]:
+    path = format_path(error.absolute_path, prefix)
+    where = path or (prefix or "body")
+    if error.validator == "required":
+        missing = str(error.message).split("'")[1] if "'" in error.message else "a required field"
+        field = format_path([missing], where) if path or prefix else missing
+        return f"missing required field '{field}'", field
+    if error.validator == "dependentRequired":
+        return f"{where}: {error.message}", where
+    if error.validator in ("type", "enum", "const", "pattern", "minItems", "maxItems", "minLength", "maxLength",
+                           "minimum", "additionalProperties"):
+        # Name the rule without echoing the (possibly clinical) offending value back.
+        rule = {
+            "type": f"must be of type {error.validator_value}",
+            "enum": f"must be one of {error.validator_value}",
+            "const": f"must be {error.validator_value!r}",
+            "pattern": "has an invalid format",
+            "minItems": f"must have at least {error.validator_value} item(s)",
+            "maxItems": f"must have at most {error.validator_value} item(s)",
+            "minLength": "must not be empty",
+            "maxLength": f"must be at most {error.validator_value} characters",
+            "minimum": f"must be at least {error.validator_value}",
+            "additionalProperties": "has members that are not allowed",
+        }[str(error.validator)]
+        return f"'{where}' {rule}", where
+    return f"'{where}' is invalid", where
+
+
+def validate(instance: Any, schema_name: str, *, prefix: str = "") -> None:
+    """Raise ``InvalidRequest`` naming the most relevant error, if ``instance`` is invalid."""
+    errors = list(validator(schema_name).iter_errors(instance))
+    if not errors:
+        return
+    error = best_match(errors)
+    assert error is not None
+    message, expression = _describe(error, prefix)
+    raise InvalidRequest(message, expression=expression)
+
+
+def is_valid(instance: Any, schema_name: str) -> bool:
+    """True when ``instance`` satisfies the schema (used by tests and the response self-check)."""
+    return bool(validator(schema_name).is_valid(instance))
+
+
+__all__ = ["SCHEMA_DIR", "format_path", "is_valid", "load_schema", "validate", "validator"]
