@@ -1,0 +1,1 @@
+"""Clinical reasoning for CMV antiviral orders: facts, dosing tables, rules and cards (no HTTP)."""

@@ -1,0 +1,1 @@
+"""CDS Hooks protocol layer: HTTP, validation, auth, prefetch, FHIR fetching, feedback."""
