@@ -1,0 +1,175 @@
+"""The ``cmv-cds`` command: ``cmv-cds serve`` runs the service under gunicorn with sync workers.
+
+Gunicorn is driven programmatically (a ``BaseApplication`` subclass), with the settings of
+``service.gunicorn_conf`` plus the command-line flags on top. The master never imports the Flask app:
+each worker builds it with ``service.app.create_app()``, which reads the ``CMV_CDS_*`` environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+from gunicorn.config import KNOWN_SETTINGS
+
+from service.config import ENV_PREFIX, ConfigError, Settings
+
+PROG = "cmv-cds"
+EXIT_CONFIG_ERROR = 2
+
+
+def _env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def _default(field: str) -> Any:
+    return next(f.default for f in dataclasses.fields(Settings) if f.name == field)
+
+
+def _show(value: object) -> str:
+    """A default as it would be written in the environment."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value) if value != "" else "(empty)"
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be between 1 and 65535, not {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser. Building it reads no settings, so ``--help`` works with a broken environment."""
+    env_lines = "\n".join(
+        f"  {_env_name(f.name):<34} default: {_show(f.default)}" for f in dataclasses.fields(Settings)
+    )
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="FHIR-native CDS Hooks service for CMV antiviral treatment.",
+        epilog=(
+            'Configuration is read from these environment variables (see the README, "Configuration"):\n' + env_lines
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="run the service under gunicorn (sync workers)",
+        description=(
+            "Run the CDS Hooks service under gunicorn with sync workers. Each flag overrides its "
+            "environment variable; the other gunicorn settings are in service/gunicorn_conf.py. "
+            "All other configuration comes from the CMV_CDS_* environment variables (cmv-cds --help)."
+        ),
+    )
+    serve.add_argument(
+        "--host",
+        metavar="H",
+        help=f"address to listen on (env {_env_name('host')}, default {_default('host')}; "
+        "0.0.0.0 in the container image)",
+    )
+    serve.add_argument(
+        "--port",
+        metavar="P",
+        type=_port,
+        help=f"TCP port to listen on (env {_env_name('port')}, default {_default('port')})",
+    )
+    serve.add_argument(
+        "--workers",
+        metavar="N",
+        type=_positive_int,
+        help=f"number of sync worker processes (env {_env_name('workers')}, default {_default('workers')})",
+    )
+    return parser
+
+
+# Names gunicorn accepts as settings: what it would read from a ``-c python:module`` config.
+_GUNICORN_SETTINGS = frozenset(setting.name for setting in KNOWN_SETTINGS)
+
+
+def gunicorn_options(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """Gunicorn settings: everything in ``service.gunicorn_conf``, then ``bind`` and ``workers`` from the
+    flags, falling back to the settings, and ``loglevel`` from the settings. Raises ConfigError for an
+    unusable host, port or worker count."""
+    from service import gunicorn_conf
+
+    host = args.host if args.host is not None else settings.host
+    port = args.port if args.port is not None else settings.port
+    workers = args.workers if args.workers is not None else settings.workers
+    if not host:
+        raise ConfigError(f"{_env_name('host')} / --host must not be empty")
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{_env_name('port')} / --port must be between 1 and 65535, not {port}")
+    if workers < 1:
+        raise ConfigError(f"{_env_name('workers')} / --workers must be at least 1, not {workers}")
+
+    options = {name: value for name, value in vars(gunicorn_conf).items() if name in _GUNICORN_SETTINGS}
+    options["bind"] = gunicorn_conf.bind_address(host, port)
+    options["workers"] = workers
+    options["loglevel"] = settings.log_level.lower()
+    return options
+
+
+class CdsApplication(BaseApplication):  # type: ignore[misc]  # gunicorn has no type information
+    """Gunicorn with fixed options; the Flask app is built in each worker."""
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self.options = dict(options)
+        super().__init__(prog=PROG)
+
+    def load_config(self) -> None:
+        for name, value in self.options.items():
+            self.cfg.set(name, value)
+
+    def load(self) -> Any:
+        from service.app import create_app
+
+        return create_app()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        settings = Settings.load()
+        options = gunicorn_options(args, settings)
+    except ConfigError as exc:
+        print(f"{PROG}: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    # Runs until gunicorn stops; gunicorn ends the process with SystemExit (0 after SIGTERM/SIGINT,
+    # 3 when a worker cannot boot).
+    CdsApplication(options).run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``cmv-cds`` console script. Returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
+        return exc.code if isinstance(exc.code, int) else 2
+    if args.command == "serve":
+        return _serve(args)
+    parser.print_help(sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""Gunicorn settings for the CDS service (sync workers; see the README "Deployment").
+
+Used two ways, with the same result:
+
+* ``cmv-cds serve`` (``service.cli``) loads every gunicorn setting defined here, then applies its
+  ``--host`` / ``--port`` / ``--workers`` flags on top;
+* ``gunicorn -c python:service.gunicorn_conf 'service.wsgi:app'`` reads this module directly.
+
+``bind`` and ``workers`` come from ``CMV_CDS_HOST`` / ``CMV_CDS_PORT`` / ``CMV_CDS_WORKERS`` (defaults in
+``service.config.Settings``). Importing this module validates all ``CMV_CDS_*`` settings, so a bad value
+stops the master before any worker is forked. The app itself is built in each worker by
+``service.app.create_app()`` (``preload_app`` is off), which reads the same environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Final
+
+from service.config import Settings
+
+# Sync workers: the work is CPU-bound FHIR parsing (ecosystem.md §3); one request per worker at a time.
+worker_class: Final = "sync"
+# Seconds a worker may be silent before the master kills and replaces it. The whole-request FHIR budget
+# (CMV_CDS_FHIR_DEADLINE_SECONDS, default 8 s) sits well inside it.
+timeout: Final = 30
+# On SIGTERM, in-flight requests get this long to finish. Keep it below the orchestrator's stop grace
+# period (docker-compose.yml sets stop_grace_period: 20s; Docker's own default is 10 s).
+graceful_timeout: Final = 15
+# Sync workers close the connection after each response, so this matters only with another worker class
+# (e.g. gthread); kept at 2 s for that case.
+keepalive: Final = 2
+# Recycle each worker after about this many requests (jitter spreads the restarts across workers).
+max_requests: Final = 10_000
+max_requests_jitter: Final = 1_000
+# No access log: the app writes one structured JSON line per request itself (service.app).
+accesslog: Final = None
+# Build the app in each worker, after the fork (no database connections shared across processes).
+preload_app: Final = False
+# gunicorn >= 25 opens a control socket under $XDG_RUNTIME_DIR or $HOME/.gunicorn by default. It is not
+# needed here, the container user has no home directory, and two instances would fight over the path.
+control_socket_disable: Final = True
+# The worker heartbeat file: on a RAM-backed filesystem where there is one (containers), so that a slow
+# disk cannot stall a worker (gunicorn's "blocking os.fchmod" note).
+worker_tmp_dir: Final = "/dev/shm" if os.path.isdir("/dev/shm") else None  # noqa: S108 (not a temp file name)
+proc_name: Final = "cmv-cds"
+
+
+def bind_address(host: str, port: int) -> str:
+    """``host:port`` as gunicorn's ``bind`` wants it (IPv6 literals in brackets)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+_settings = Settings.load()
+bind = bind_address(_settings.host, _settings.port)
+workers = _settings.workers
+loglevel = _settings.log_level.lower()
+
+
+# A small, valid R4 MedicationRequest shaped like the draft orders the hooks validate.
+_WARM_UP_ORDER: Final[dict[str, Any]] = {
+    "resourceType": "MedicationRequest",
+    "status": "draft",
+    "intent": "proposal",
+    "subject": {"reference": "Patient/warm-up"},
+    "authoredOn": "2024-01-01",
+    "medicationCodeableConcept": {
+        "coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "0", "display": "warm-up"}],
+        "text": "warm-up",
+    },
+    "dosageInstruction": [
+        {
+            "text": "warm-up",
+            "timing": {"repeat": {"frequency": 2, "period": 1, "periodUnit": "d"}},
+            "route": {"text": "oral"},
+            "doseAndRate": [
+                {
+                    "doseQuantity": {
+                        "value": 1,
+                        "unit": "mg",
+                        "system": "http://unitsofmeasure.org",
+                        "code": "mg",
+                    }
+                }
+            ],
+        }
+    ],
+}
+
+_log = logging.getLogger("cmv_cds.gunicorn")
+
+
+def post_worker_init(worker: Any) -> None:
+    """Warm the FHIR models in each new worker, so the first real request does not pay to build them.
+
+    fhir.resources builds its pydantic models lazily: the import and the first validation cost a few
+    hundred milliseconds (ecosystem.md §1). A failure here is logged and the worker serves anyway.
+    """
+    started = time.perf_counter()
+    try:
+        from fhir.resources.R4B.medicationrequest import MedicationRequest
+
+        MedicationRequest.model_validate(_WARM_UP_ORDER)
+    except Exception:
+        _log.exception("fhir model warm-up failed")
+        return
+    _log.info("fhir models warmed", extra={"latency_ms": round((time.perf_counter() - started) * 1000, 2)})
