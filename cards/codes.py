@@ -28,9 +28,7 @@ VALUESET_URL_PREFIX: Final = "http://fhir.cmv-cds.org/ValueSet/"
 VERIFICATION_EXTENSION_URL: Final = "http://fhir.cmv-cds.org/StructureDefinition/code-verification"
 TEXT_MATCH_EXTENSION_URL: Final = "http://fhir.cmv-cds.org/StructureDefinition/text-match"
 # clinical.md §7 status labels.
-VERIFICATION_STATUSES: Final = frozenset(
-    {"VERIFIED-openFDA", "VERIFIED-2+", "VERIFIED", "1-SRC", "UNVERIFIED"}
-)
+VERIFICATION_STATUSES: Final = frozenset({"VERIFIED-openFDA", "VERIFIED-2+", "VERIFIED", "1-SRC", "UNVERIFIED"})
 
 RXNORM: Final = "http://www.nlm.nih.gov/research/umls/rxnorm"
 LOINC: Final = "http://loinc.org"

@@ -23,6 +23,8 @@ from service.validation import validate
 log = logging.getLogger("cmv_cds.app")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Probes for orchestrators: no JWT, no patient data in or out.
+_UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -50,7 +52,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         g.started = time.perf_counter()
         supplied = request.headers.get("X-Request-ID", "")
         g.request_id = supplied if _REQUEST_ID.match(supplied) else str(uuid.uuid4())
-        if settings.require_auth:
+        if settings.require_auth and request.path not in _UNAUTHENTICATED_PATHS:
             authenticator.authenticate(request.headers.get("Authorization"), _endpoint_url(settings))
 
     @app.after_request
@@ -72,6 +74,18 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             },
         )
         return response
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        """Liveness: the process answers."""
+        return json_response({"status": "ok"})
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        """Readiness: the feedback database answers."""
+        if not store.ping():
+            return json_response({"status": "unavailable", "database": "unreachable"}, status=503)
+        return json_response({"status": "ready", "database": "ok"})
 
     @app.get("/cds-services")
     def discovery() -> Response:
@@ -105,7 +119,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         result = store.store_feedback(service.id, body["feedback"])
         log.info(
             "feedback stored",
-            extra={"service_id": service.id, "feedback_count": result.stored, "unknown_cards": result.unknown_cards},
+            extra={
+                "service_id": service.id,
+                "feedback_count": result.stored,
+                "unknown_cards": result.unknown_cards,
+            },
         )
         return json_response({"stored": result.stored, "unknownCards": result.unknown_cards})
 

@@ -49,6 +49,16 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 2
+    # CDS client JWT verification (service/auth.py). Trusted issuers: inline JSON or a path to a JSON
+    # file, {"<iss>": {"jku": [JWKS URLs], "jwks": {static JWK Set}, "algorithms": [...],
+    # "tenants": [...]}}. Empty: no client is trusted and every call is refused (fail closed).
+    trusted_issuers: str = ""
+    # Clock skew tolerated on exp/iat/nbf, in seconds.
+    jwt_leeway_seconds: int = 30
+    # Longest accepted token lifetime (exp - iat): bounds the replay window the jti store must cover.
+    jwt_max_lifetime_seconds: int = 3600
+    # How long a JWK Set fetched from a jku is reused before it is fetched again.
+    jwks_cache_seconds: int = 300
 
     @classmethod
     def load(cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -61,7 +71,7 @@ class Settings:
             if raw is not None:
                 values[name] = _coerce(name, field.type, raw)
         for key, raw_value in (overrides or {}).items():
-            name = key[len(ENV_PREFIX):].lower() if key.upper().startswith(ENV_PREFIX) else key.lower()
+            name = key[len(ENV_PREFIX) :].lower() if key.upper().startswith(ENV_PREFIX) else key.lower()
             if name not in fields:
                 raise ConfigError(f"unknown setting {key!r}")
             values[name] = _coerce(name, fields[name].type, raw_value)
@@ -72,15 +82,33 @@ class Settings:
     def _check(self) -> None:
         if self.dosing_weight not in ("actual", "adjusted"):
             raise ConfigError("CMV_CDS_DOSING_WEIGHT must be 'actual' or 'adjusted'")
-        if (self.fhir_timeout_seconds <= 0 or self.fhir_deadline_seconds <= 0 or self.fhir_max_pages < 1
-                or self.fhir_max_workers < 1 or self.fhir_max_response_bytes < 1024):
+        if (
+            self.fhir_timeout_seconds <= 0
+            or self.fhir_deadline_seconds <= 0
+            or self.fhir_max_pages < 1
+            or self.fhir_max_workers < 1
+            or self.fhir_max_response_bytes < 1024
+        ):
             raise ConfigError("FHIR timeout, page and worker limits must be positive")
         if self.max_body_bytes < 1024:
             raise ConfigError("CMV_CDS_MAX_BODY_BYTES must be at least 1024")
         if self.high_viral_load_iu_ml <= 0:
             raise ConfigError("CMV_CDS_HIGH_VIRAL_LOAD_IU_ML must be positive")
+        if not 0 < self.port < 65536 or not 1 <= self.workers <= 64:
+            raise ConfigError("CMV_CDS_PORT must be 1-65535 and CMV_CDS_WORKERS 1-64")
         if self.public_base_url and not self.public_base_url.startswith(("http://", "https://")):
             raise ConfigError("CMV_CDS_PUBLIC_BASE_URL must be an absolute http(s) URL")
+        if not 0 <= self.jwt_leeway_seconds <= 300:
+            raise ConfigError("CMV_CDS_JWT_LEEWAY_SECONDS must be between 0 and 300")
+        if not 1 <= self.jwt_max_lifetime_seconds <= 86400:
+            raise ConfigError("CMV_CDS_JWT_MAX_LIFETIME_SECONDS must be between 1 and 86400")
+        if not 1 <= self.jwks_cache_seconds <= 86400:
+            raise ConfigError("CMV_CDS_JWKS_CACHE_SECONDS must be between 1 and 86400")
+        if self.trusted_issuers:
+            # Imported here: service.auth imports this module. Parsing raises ConfigError at start-up.
+            from service.auth import load_trusted_issuers
+
+            load_trusted_issuers(self.trusted_issuers)
 
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -57,7 +57,7 @@ def render(template: str, context: Mapping[str, Any]) -> str:
     def substitute(match: re.Match[str]) -> str:
         token = match.group(1)
         if token.startswith("context."):
-            value = context.get(token[len("context."):])
+            value = context.get(token[len("context.") :])
             if isinstance(value, str | int) and not isinstance(value, bool):
                 return str(value)
             raise PreconditionFailed(f"prefetch token {{{{{token}}}}} has no value in this request")

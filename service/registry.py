@@ -37,7 +37,12 @@ def prefetch_templates() -> tuple[PrefetchTemplate, ...]:
             "labs",
             f"Observation?patient={PATIENT}&code="
             + _loinc_tokens(
-                "SerumCreatinine", "NeutrophilCount", "PlateletCount", "Hemoglobin", "UrineProtein", "PregnancyTest"
+                "SerumCreatinine",
+                "NeutrophilCount",
+                "PlateletCount",
+                "Hemoglobin",
+                "UrineProtein",
+                "PregnancyTest",
             )
             + "&_sort=-date&_count=100",
         ),

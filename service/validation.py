@@ -68,8 +68,18 @@ def _describe(error: ValidationError, prefix: str) -> tuple[str, str]:
         return f"missing required field '{field}'", field
     if error.validator == "dependentRequired":
         return f"{where}: {error.message}", where
-    if error.validator in ("type", "enum", "const", "pattern", "minItems", "maxItems", "minLength", "maxLength",
-                           "minimum", "additionalProperties"):
+    if error.validator in (
+        "type",
+        "enum",
+        "const",
+        "pattern",
+        "minItems",
+        "maxItems",
+        "minLength",
+        "maxLength",
+        "minimum",
+        "additionalProperties",
+    ):
         # Name the rule without echoing the (possibly clinical) offending value back.
         rule = {
             "type": f"must be of type {error.validator_value}",

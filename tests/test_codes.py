@@ -166,9 +166,7 @@ def _file_concepts() -> list[tuple[str, str, str, str]]:
     for path in VALUESET_FILES:
         for include in _load(path).get("compose", {}).get("include", []):
             for concept in include["concept"]:
-                statuses = [
-                    e["valueCode"] for e in concept["extension"] if e["url"] == VERIFICATION_EXTENSION_URL
-                ]
+                statuses = [e["valueCode"] for e in concept["extension"] if e["url"] == VERIFICATION_EXTENSION_URL]
                 assert len(statuses) == 1, (path.name, concept["code"])
                 out.append((path.name, include["system"], concept["code"], statuses[0]))
     return out
@@ -182,9 +180,7 @@ def _code_regex(code: str) -> re.Pattern[str]:
 def clinical_md() -> str:
     path = REFERENCE_DIR / "clinical.md"
     if not path.is_file():
-        pytest.skip(
-            f"shared reference {path} is absent (expected the repo at <dir>/main, shared at <dir>/shared)"
-        )
+        pytest.skip(f"shared reference {path} is absent (expected the repo at <dir>/main, shared at <dir>/shared)")
     return path.read_text(encoding="utf-8")
 
 
@@ -192,9 +188,7 @@ def clinical_md() -> str:
 def policy_md() -> str:
     path = REFERENCE_DIR / "policy.md"
     if not path.is_file():
-        pytest.skip(
-            f"shared reference {path} is absent (expected the repo at <dir>/main, shared at <dir>/shared)"
-        )
+        pytest.skip(f"shared reference {path} is absent (expected the repo at <dir>/main, shared at <dir>/shared)")
     return path.read_text(encoding="utf-8")
 
 
@@ -231,9 +225,7 @@ def test_concepts_and_patterns_are_well_formed(path: Path) -> None:
         for concept in include["concept"]:
             assert concept["code"]
             assert concept["display"]
-            statuses = [
-                e["valueCode"] for e in concept["extension"] if e["url"] == VERIFICATION_EXTENSION_URL
-            ]
+            statuses = [e["valueCode"] for e in concept["extension"] if e["url"] == VERIFICATION_EXTENSION_URL]
             assert len(statuses) == 1
             assert statuses[0] in VERIFICATION_STATUSES
     patterns = [e["valueString"] for e in data.get("extension", []) if e["url"] == TEXT_MATCH_EXTENSION_URL]
@@ -345,9 +337,7 @@ def test_coding_only() -> None:
     assert code_set("Valganciclovir").matches_coding_only(coded)
     assert code_set("Valganciclovir").matches_concept(coded)
     assert not code_set("Ganciclovir").matches_coding_only(coded)
-    text_only = _cc(
-        "valganciclovir 450 mg tablet", {"system": RXNORM, "code": "999999", "display": "valcyte"}
-    )
+    text_only = _cc("valganciclovir 450 mg tablet", {"system": RXNORM, "code": "999999", "display": "valcyte"})
     assert not code_set("Valganciclovir").matches_coding_only(text_only)
     assert code_set("Valganciclovir").matches_concept(text_only)
     # The right code in the wrong system is not a match.

@@ -1,0 +1,90 @@
+"""Unit conversion for the values the rules read (policy.md §2: an unknown unit is missing, never guessed).
+
+Units are recognised by UCUM code first, then by the printed unit. Each table maps a unit to the
+factor that converts it to the canonical unit of the quantity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+# Serum creatinine → mg/dL. µmol/L ÷ 88.4 (policy.md §2; clinical.md §5).
+CREATININE_UMOL_PER_MG_DL = 88.4
+CREATININE_TO_MG_DL: dict[str, float] = {
+    "mg/dl": 1.0,
+    "umol/l": 1.0 / CREATININE_UMOL_PER_MG_DL,
+    "µmol/l": 1.0 / CREATININE_UMOL_PER_MG_DL,
+    "μmol/l": 1.0 / CREATININE_UMOL_PER_MG_DL,
+}
+
+# Body weight → kg: kg, g or lb ([lb_av]) per policy.md §2. 0.45359237 kg is the UCUM definition of
+# [lb_av] (the international avoirdupois pound); the reference names the unit, not the factor.
+KG_PER_LB = 0.45359237
+WEIGHT_TO_KG: dict[str, float] = {
+    "kg": 1.0,
+    "g": 0.001,
+    "[lb_av]": KG_PER_LB,
+    "lb": KG_PER_LB,
+    "lbs": KG_PER_LB,
+}
+
+# Body height → cm (only for the optional adjusted-weight policy, policy.md §3). 2.54 cm per inch is
+# the UCUM definition of [in_i].
+CM_PER_INCH = 2.54
+HEIGHT_TO_CM: dict[str, float] = {"cm": 1.0, "m": 100.0, "[in_i]": CM_PER_INCH, "in": CM_PER_INCH}
+
+# Blood counts → cells/µL: /uL, 10*3/uL or 10*9/L (policy.md §2). 10^9/L = 10^3/µL.
+COUNT_TO_PER_UL: dict[str, float] = {
+    "/ul": 1.0,
+    "/µl": 1.0,
+    "/μl": 1.0,
+    "{cells}/ul": 1.0,
+    "cells/ul": 1.0,
+    "/mm3": 1.0,
+    "10*3/ul": 1000.0,
+    "10^3/ul": 1000.0,
+    "k/ul": 1000.0,
+    "10*9/l": 1000.0,
+    "10^9/l": 1000.0,
+}
+
+# Hemoglobin → g/dL: g/dL or g/L (policy.md §2).
+HEMOGLOBIN_TO_G_DL: dict[str, float] = {"g/dl": 1.0, "g/l": 0.1}
+
+# Urine protein → mg/dL: the cidofovir label's unit (clinical.md §4, "< 100 mg/dL").
+URINE_PROTEIN_TO_MG_DL: dict[str, float] = {"mg/dl": 1.0}
+
+# CMV DNA → IU/mL (clinical.md §7.2: WHO IU/mL calibrated assays).
+VIRAL_LOAD_TO_IU_ML: dict[str, float] = {"[iu]/ml": 1.0, "iu/ml": 1.0}
+VIRAL_LOAD_COPIES: dict[str, float] = {"{copies}/ml": 1.0, "copies/ml": 1.0}
+
+
+def quantity_in(quantity: Any, table: Mapping[str, float]) -> float | None:
+    """The value of a FHIR Quantity converted by ``table``; None if absent, non-numeric or unknown unit."""
+    if not isinstance(quantity, dict):
+        return None
+    value = quantity.get("value")
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    if number != number or number in (float("inf"), float("-inf")):
+        return None
+    for key in (quantity.get("code"), quantity.get("unit")):
+        if isinstance(key, str):
+            factor = table.get(key.strip().lower())
+            if factor is not None:
+                return number * factor
+    return None
+
+
+def unit_label(quantity: Any) -> str:
+    """The unit as the source wrote it, for a card that says which unit was not recognised."""
+    if isinstance(quantity, dict):
+        for key in ("unit", "code"):
+            if isinstance(quantity.get(key), str) and quantity[key].strip():
+                return str(quantity[key])[:32]
+    return "no unit"

@@ -1,0 +1,1 @@
+"""FHIR conformance resources (ValueSets, profiles, PlanDefinition) as JSON, loaded by the code."""

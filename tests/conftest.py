@@ -1,0 +1,35 @@
+"""Shared fixtures: an app with auth off on a throwaway SQLite store, and request builders."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from service.app import create_app
+
+SERVICE_URL = "/cds-services/cmv-antiviral-order-select"
+SIGN_URL = "/cds-services/cmv-antiviral-order-sign"
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[Flask]:
+    application = create_app({"require_auth": False, "database_url": f"sqlite:///{tmp_path / 'feedback.sqlite3'}"})
+    yield application
+    application.extensions["cmv_cds"]["store"].dispose()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def post_json(client: FlaskClient, url: str, body: Any) -> Any:
+    return client.post(url, json=body)

@@ -1,0 +1,130 @@
+"""FHIR fixture files for tests, with dates relative to the day the test runs.
+
+Fixture JSON may contain ``"$today"``, ``"$today-Nd"`` (N days ago) and ``"$birth-N"`` (a birth date
+that makes the patient N completed years old today, 30 days past the birthday).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+PATIENT_ID = "pat-cmv-1"
+_TOKEN = re.compile(r"^\$(today|birth)(?:-(\d+)d?)?$")
+
+
+def relative_date(token: str, today: dt.date) -> str:
+    match = _TOKEN.match(token)
+    if not match:
+        return token
+    kind, amount = match.group(1), int(match.group(2) or 0)
+    if kind == "today":
+        return (today - dt.timedelta(days=amount)).isoformat()
+    birthday = today - dt.timedelta(days=30)
+    try:
+        return birthday.replace(year=birthday.year - amount).isoformat()
+    except ValueError:  # 29 February
+        return birthday.replace(year=birthday.year - amount, day=28).isoformat()
+
+
+def _resolve(value: Any, today: dt.date) -> Any:
+    if isinstance(value, str) and value.startswith("$"):
+        return relative_date(value, today)
+    if isinstance(value, dict):
+        return {key: _resolve(item, today) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_resolve(item, today) for item in value]
+    return value
+
+
+def load(name: str, today: dt.date | None = None) -> Any:
+    """A fixture file with its relative dates resolved."""
+    data = json.loads((FIXTURES / name).read_text(encoding="utf-8"))
+    return _resolve(data, today or dt.date.today())
+
+
+def patient_resources(today: dt.date | None = None, name: str = "adult-transplant-cmv.json") -> list[dict[str, Any]]:
+    return [entry["resource"] for entry in load(name, today)["entry"]]
+
+
+def searchset(resources: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": len(resources),
+        "entry": [
+            {"fullUrl": f"{r['resourceType']}/{r['id']}", "resource": r, "search": {"mode": "match"}} for r in resources
+        ],
+    }
+
+
+def prefetch_for(resources: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fill the service's prefetch keys as a conformant client would (by resource type and code)."""
+    from cards.codes import code_set
+
+    def coded(resource: dict[str, Any], *sets: str) -> bool:
+        return any(code_set(name).matches_coding_only(resource.get("code")) for name in sets)
+
+    observations = [r for r in resources if r["resourceType"] == "Observation"]
+    patient = next((r for r in resources if r["resourceType"] == "Patient"), None)
+    return {
+        "patient": patient,
+        "bodyMeasurements": searchset([o for o in observations if coded(o, "BodyWeight", "BodyHeight")]),
+        "labs": searchset(
+            [
+                o
+                for o in observations
+                if coded(
+                    o,
+                    "SerumCreatinine",
+                    "NeutrophilCount",
+                    "PlateletCount",
+                    "Hemoglobin",
+                    "UrineProtein",
+                    "PregnancyTest",
+                )
+            ]
+        ),
+        "cmvViralLoads": searchset(
+            [
+                o
+                for o in observations
+                if coded(o, "CmvViralLoadIU", "CmvViralLoadLog10IU", "CmvViralLoadCopies", "CmvDnaQualitative")
+            ]
+        ),
+        "conditions": searchset([r for r in resources if r["resourceType"] == "Condition"]),
+        "medications": searchset([r for r in resources if r["resourceType"] == "MedicationRequest"]),
+    }
+
+
+def order_select(
+    drafts: list[dict[str, Any]],
+    selections: list[str] | None = None,
+    prefetch: dict[str, Any] | None = None,
+    hook: str = "order-select",
+    **extra: Any,
+) -> dict[str, Any]:
+    """A realistic order-select (or order-sign) request body."""
+    context: dict[str, Any] = {
+        "userId": "Practitioner/prac-1",
+        "patientId": PATIENT_ID,
+        "encounterId": "enc-1",
+        "draftOrders": {
+            "resourceType": "Bundle",
+            "type": "collection",
+            "entry": [{"resource": copy.deepcopy(d)} for d in drafts],
+        },
+    }
+    if hook == "order-select":
+        context["selections"] = selections if selections is not None else [f"MedicationRequest/{drafts[0]['id']}"]
+    body: dict[str, Any] = {"hook": hook, "hookInstance": str(uuid.uuid4()), "context": context}
+    if prefetch is not None:
+        body["prefetch"] = prefetch
+    body.update(extra)
+    return body
