@@ -439,6 +439,7 @@ def dose_card(ctx: Context, order: Mapping[str, Any], regimen: Regimen) -> Card:
     )
     detail = [
         f"**Proposed:** {regimen.drug} {regimen_text(regimen)}.",
+        "",
         f"**Selected order:** {'; '.join(diffs)}.",
         "",
         "**Computation**",
