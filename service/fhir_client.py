@@ -32,16 +32,16 @@ class FhirServer:
     max_pages: int
     deadline: float  # time.monotonic() value after which no further call is started
 
-    def _origin(self, url: str) -> tuple[str, str]:
-        parts = urlsplit(url)
-        return parts.scheme.lower(), parts.netloc.lower()
+    def contains(self, url: str) -> bool:
+        """True when ``url`` is on this server's origin and under its base path (segment-wise, no ``..``)."""
+        return _within(self.base_url, url)
 
     def url_for(self, relative: str) -> str:
         return self.base_url.rstrip("/") + "/" + relative.lstrip("/")
 
     def get_json(self, url: str, session: requests.Session) -> dict[str, Any] | None:
         """GET one URL; None for 404/410 on a read, error for anything else that is not a JSON 200."""
-        if self._origin(url) != self._origin(self.base_url) or not url.startswith(self.base_url.rstrip("/")):
+        if not self.contains(url):
             raise FhirFetchError("FHIR server returned a link outside its own base URL")
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
@@ -87,6 +87,30 @@ class FhirServer:
             resources.extend(bundle_resources(bundle))
             url = next_link(bundle)
         return resources
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(scheme)
+    except ValueError:
+        port = -1
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def _within(base: str, url: str) -> bool:
+    if _origin(url) != _origin(base):
+        return False
+    base_segments = [s for s in urlsplit(base).path.split("/") if s]
+    segments = urlsplit(url).path.split("/")
+    if any(s in ("..", ".") or "%2e" in s.lower() for s in segments):
+        return False
+    segments = [s for s in segments if s]
+    return segments[: len(base_segments)] == base_segments
 
 
 def _read_capped(resp: requests.Response, cap: int, deadline: float) -> bytes:

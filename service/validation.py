@@ -67,7 +67,10 @@ def _describe(error: ValidationError, prefix: str) -> tuple[str, str]:
         field = format_path([missing], where) if path or prefix else missing
         return f"missing required field '{field}'", field
     if error.validator == "dependentRequired":
-        return f"{where}: {error.message}", where
+        # message: "'fhirServer' is a dependency of 'fhirAuthorization'"
+        missing = str(error.message).split("'")[1] if "'" in error.message else "a dependent field"
+        field = format_path([missing], path or prefix)
+        return f"missing required field '{field}' ({error.message})", field
     if error.validator in (
         "type",
         "enum",
