@@ -13,7 +13,7 @@ from flask import Flask, Response, g, request
 
 from service.auth import Authenticator, build_authenticator
 from service.config import Settings
-from service.errors import NotFound, json_response, register_error_handlers
+from service.errors import NotFound, UnsupportedMediaType, json_response, register_error_handlers
 from service.hooks import parse_json_object, run_hook, validate_request
 from service.logs import configure_logging
 from service.registry import SERVICES, ServiceDefinition, discovery_document
@@ -94,7 +94,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     @app.post("/cds-services/<service_id>")
     def call_service(service_id: str) -> Response:
         service = _service(service_id)
-        body = parse_json_object(request.get_data(cache=False))
+        body = parse_json_object(_json_body())
         validate_request(service, body)
         g.hook_instance = body["hookInstance"]
         cards = run_hook(service, body, settings)
@@ -114,7 +114,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     @app.post("/cds-services/<service_id>/feedback")
     def feedback(service_id: str) -> Response:
         service = _service(service_id)
-        body = parse_json_object(request.get_data(cache=False))
+        body = parse_json_object(_json_body())
         validate(body, "feedback.schema.json")
         result = store.store_feedback(service.id, body["feedback"])
         log.info(
@@ -136,6 +136,14 @@ def _service(service_id: str) -> ServiceDefinition:
     if service is None:
         raise NotFound(f"no CDS service with id '{service_id[:64]}'", expression="id")
     return service
+
+
+def _json_body() -> bytes:
+    """The raw body of a request that declares JSON (application/json or a +json type); 415 otherwise."""
+    mimetype = request.mimetype
+    if mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise UnsupportedMediaType(f"Content-Type must be application/json (got '{mimetype[:64] or 'none'}')")
+    return request.get_data(cache=False)
 
 
 def _endpoint_url(settings: Settings) -> str:

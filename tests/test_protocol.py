@@ -886,3 +886,18 @@ def test_error_responses_are_json_operation_outcomes(client: FlaskClient) -> Non
     check_error(client.post("/cds-services/nope", json=gcv_request()), 404)
     check_error(client.put(SELECT_URL, json=gcv_request()), 405)
     check_error(client.post(SELECT_URL, json=gcv_request(without(full_prefetch(), "labs"))), 412)
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_non_json_content_type_is_415(client: FlaskClient, content_type: str | None) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = client.post(SELECT_URL, data=json.dumps(gcv_request()), headers=headers)
+    assert response.status_code == 415
+    assert response.get_json()["resourceType"] == "OperationOutcome"
+
+
+def test_fhir_json_content_type_is_accepted(client: FlaskClient) -> None:
+    response = client.post(
+        SELECT_URL, data=json.dumps(gcv_request()), headers={"Content-Type": "application/fhir+json; charset=utf-8"}
+    )
+    assert response.status_code == 200
