@@ -52,11 +52,15 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         g.started = time.perf_counter()
         supplied = request.headers.get("X-Request-ID", "")
         g.request_id = supplied if _REQUEST_ID.match(supplied) else str(uuid.uuid4())
-        if settings.require_auth and request.path not in _UNAUTHENTICATED_PATHS:
+        # CORS preflights carry no Authorization header by design (Fetch standard); they reveal nothing.
+        if settings.require_auth and request.path not in _UNAUTHENTICATED_PATHS and request.method != "OPTIONS":
             authenticator.authenticate(request.headers.get("Authorization"), _endpoint_url(settings))
+
+    cors_origins = {o.strip() for o in settings.cors_origins.split(",") if o.strip()}
 
     @app.after_request
     def _finish(response: Response) -> Response:
+        _add_cors_headers(response, cors_origins)
         response.headers["X-Request-ID"] = g.get("request_id", "")
         response.headers["Cache-Control"] = "no-store"
         log.info(
@@ -136,6 +140,19 @@ def _service(service_id: str) -> ServiceDefinition:
     if service is None:
         raise NotFound(f"no CDS service with id '{service_id[:64]}'", expression="id")
     return service
+
+
+def _add_cors_headers(response: Response, allowed: set[str]) -> None:
+    """CORS for browser-based CDS clients (CDS Hooks 2.0.1 §CORS): only configured origins, no cookies."""
+    origin = request.headers.get("Origin")
+    if not origin or not allowed or ("*" not in allowed and origin not in allowed):
+        return
+    response.headers["Access-Control-Allow-Origin"] = "*" if "*" in allowed else origin
+    response.headers["Vary"] = "Origin"
+    response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+    response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+    response.headers["Access-Control-Expose-Headers"] = "X-Request-ID"
+    response.headers["Access-Control-Max-Age"] = "600"
 
 
 def _json_body() -> bytes:

@@ -45,6 +45,9 @@ class Settings:
     dosing_weight: DosingWeight = "actual"
     high_viral_load_iu_ml: float = 100000.0  # policy.md §6: institutional default 100000 IU/mL
     log_level: str = "INFO"
+    # Browser-based CDS clients (e.g. the CDS Hooks sandbox): comma-separated allowed origins, "*" for any.
+    # Empty: no CORS headers are sent.
+    cors_origins: str = ""
     # `cmv-cds serve` (gunicorn).
     host: str = "127.0.0.1"
     port: int = 8080

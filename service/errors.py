@@ -100,7 +100,12 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(CdsError)
     def _cds_error(error: CdsError) -> Response:
-        log.info("request refused", extra={"status": error.status, "reason": error.message})
+        # The message may quote client input (it goes back to the client); the log gets only the error
+        # type and the field path, which never carry patient data.
+        log.info(
+            "request refused",
+            extra={"status": error.status, "reason": f"{type(error).__name__} at {error.expression or 'body'}"},
+        )
         return error_response(error)
 
     @app.errorhandler(HTTPException)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,21 @@ from flask.testing import FlaskClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from service.app import create_app
+from log_guard import CAPTURE, leaks, sensitive_strings  # noqa: E402
+
+from service.app import create_app  # noqa: E402
+
+# Installed at import so every service log record of the session passes through the guard.
+logging.getLogger("cmv_cds").addHandler(CAPTURE)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if any log line of the whole suite carries fixture patient data."""
+    found = leaks(CAPTURE.lines, sensitive_strings())
+    if found:
+        sys.stderr.write(f"\nPATIENT DATA IN LOGS ({len(found)} lines), e.g.: {found[0][:300]}\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 
 SERVICE_URL = "/cds-services/cmv-antiviral-order-select"
 SIGN_URL = "/cds-services/cmv-antiviral-order-sign"

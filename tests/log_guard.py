@@ -1,0 +1,60 @@
+"""Whole-suite guard: no patient data in any log line written by the service during the test run.
+
+conftest installs ``CAPTURE`` on the ``cmv_cds`` logger for the whole session, formatting records
+exactly as production does; at the end of the session ``leaks()`` looks for every fixture patient's
+names, identifiers and birth date, and for raw FHIR resources.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+from typing import Any
+
+from service.logs import JsonFormatter
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+class Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.lines: list[str] = []
+        self.formatter_ = JsonFormatter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.formatter_.format(record))
+
+
+CAPTURE = Capture()
+
+
+def sensitive_strings(today: dt.date | None = None) -> set[str]:
+    """Names, identifiers and birth dates of every Patient in the fixture files."""
+    from fhir_fixtures import load
+
+    found: set[str] = set()
+    for path in FIXTURES.glob("*.json"):
+        data: Any = load(path.name, today)
+        resources = [e["resource"] for e in data.get("entry", [])] if data.get("resourceType") == "Bundle" else [data]
+        for resource in resources:
+            if resource.get("resourceType") != "Patient":
+                continue
+            for name in resource.get("name", []):
+                found.update(name.get("given", []))
+                if name.get("family"):
+                    found.add(name["family"])
+            found.update(i["value"] for i in resource.get("identifier", []) if i.get("value"))
+            if resource.get("birthDate"):
+                found.add(resource["birthDate"])
+    return found
+
+
+def leaks(lines: list[str], sensitive: set[str]) -> list[str]:
+    """Log lines that carry a sensitive string or a raw FHIR resource."""
+    bad = []
+    for line in lines:
+        if any(value in line for value in sensitive) or "resourceType" in line:
+            bad.append(line)
+    return bad
