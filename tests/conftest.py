@@ -14,9 +14,9 @@ from flask.testing import FlaskClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from log_guard import CAPTURE, leaks, sensitive_strings  # noqa: E402
+from log_guard import CAPTURE, leaks, sensitive_strings
 
-from service.app import create_app  # noqa: E402
+from service.app import create_app
 
 # Installed at import so every service log record of the session passes through the guard.
 logging.getLogger("cmv_cds").addHandler(CAPTURE)
