@@ -16,6 +16,7 @@ from service.config import Settings
 from service.errors import NotFound, UnsupportedMediaType, json_response, register_error_handlers
 from service.hooks import parse_json_object, run_hook, validate_request
 from service.logs import configure_logging
+from service.openapi import openapi_document
 from service.registry import SERVICES, ServiceDefinition, discovery_document
 from service.store import FeedbackStore, IssuedCard
 from service.validation import validate
@@ -23,8 +24,9 @@ from service.validation import validate
 log = logging.getLogger("cmv_cds.app")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-# Probes for orchestrators: no JWT, no patient data in or out.
-_UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/readyz"})
+# Probes for orchestrators: no JWT, no patient data in or out. The OpenAPI document describes the
+# interface only: it is static and contains no patient data.
+_UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -36,7 +38,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     store = FeedbackStore(settings.database_url)
     store.create_schema()
-    authenticator: Authenticator = build_authenticator(settings)
+    authenticator: Authenticator = build_authenticator(settings, store.engine)
     app.extensions["cmv_cds"] = {"settings": settings, "store": store, "authenticator": authenticator}
     register_error_handlers(app)
 
@@ -83,6 +85,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     def healthz() -> Response:
         """Liveness: the process answers."""
         return json_response({"status": "ok"})
+
+    @app.get("/openapi.json")
+    def openapi() -> Response:
+        """This service's OpenAPI 3.1 document (service/openapi.json, completed by service.openapi)."""
+        return json_response(openapi_document())
 
     @app.get("/readyz")
     def readyz() -> Response:

@@ -18,6 +18,7 @@ import orjson
 ALLOWED_FIELDS = frozenset(
     {
         "request_id",
+        "issuer",
         "service_id",
         "hook",
         "hook_instance",
