@@ -11,9 +11,10 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
-from service.auth import Authenticator, build_authenticator
+from service.auth import Authenticator, build_authenticator, load_trusted_issuers
 from service.config import Settings
 from service.errors import NotFound, UnsupportedMediaType, json_response, register_error_handlers
+from service.fhir_client import FhirAccessPolicy
 from service.hooks import parse_json_object, run_hook, validate_request
 from service.logs import configure_logging
 from service.openapi import openapi_document
@@ -39,6 +40,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     store = FeedbackStore(settings.database_url)
     store.create_schema()
     authenticator: Authenticator = build_authenticator(settings, store.engine)
+    issuer_fhir_servers = {
+        iss: issuer.fhir_servers
+        for iss, issuer in load_trusted_issuers(settings.trusted_issuers).items()
+        if issuer.fhir_servers is not None
+    }
     app.extensions["cmv_cds"] = {"settings": settings, "store": store, "authenticator": authenticator}
     register_error_handlers(app)
 
@@ -56,7 +62,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         g.request_id = supplied if _REQUEST_ID.match(supplied) else str(uuid.uuid4())
         # CORS preflights carry no Authorization header by design (Fetch standard); they reveal nothing.
         if settings.require_auth and request.path not in _UNAUTHENTICATED_PATHS and request.method != "OPTIONS":
-            authenticator.authenticate(request.headers.get("Authorization"), _endpoint_url(settings))
+            g.issuer = authenticator.authenticate(request.headers.get("Authorization"), _endpoint_url(settings))
 
     cors_origins = {o.strip() for o in settings.cors_origins.split(",") if o.strip()}
 
@@ -108,7 +114,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         body = parse_json_object(_json_body())
         validate_request(service, body)
         g.hook_instance = body["hookInstance"]
-        cards = run_hook(service, body, settings)
+        access = FhirAccessPolicy(
+            prefixes=issuer_fhir_servers.get(g.get("issuer", ""), settings.fhir_server_prefixes),
+            auth_required=settings.require_auth,
+        )
+        cards = run_hook(service, body, settings, access)
         rendered = [card.to_json() for card in cards]
         store.record_cards(
             service.id,

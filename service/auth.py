@@ -65,7 +65,7 @@ SUPPORTED_ALGORITHMS: Mapping[str, tuple[str, str | None]] = {
     "PS512": ("RSA", None),
 }
 REQUIRED_CLAIMS = ("iss", "aud", "exp", "iat", "jti")
-ISSUER_FIELDS = frozenset({"jku", "jwks", "algorithms", "tenants"})
+ISSUER_FIELDS = frozenset({"jku", "jwks", "algorithms", "tenants", "fhirServers"})
 
 MAX_TOKEN_CHARS = 16 * 1024
 MAX_JWKS_BYTES = 256 * 1024
@@ -81,8 +81,8 @@ _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 class Authenticator(Protocol):
-    def authenticate(self, authorization_header: str | None, endpoint_url: str) -> None:
-        """Return if the caller is trusted for ``endpoint_url``; raise ``Unauthorized`` otherwise."""
+    def authenticate(self, authorization_header: str | None, endpoint_url: str) -> str:
+        """The verified issuer (``iss``) if the caller is trusted for ``endpoint_url``; else ``Unauthorized``."""
 
 
 def bearer_token(authorization_header: str | None) -> str:
@@ -97,7 +97,7 @@ def bearer_token(authorization_header: str | None) -> str:
 class NoTrustedIssuers:
     """Fail-closed authenticator used while no trusted issuer is configured: every call is refused."""
 
-    def authenticate(self, authorization_header: str | None, endpoint_url: str) -> None:
+    def authenticate(self, authorization_header: str | None, endpoint_url: str) -> str:
         bearer_token(authorization_header)
         log.warning("authentication failed", extra={"reason": "no trusted issuers configured"})
         raise Unauthorized(GENERIC_FAILURE)
@@ -131,6 +131,8 @@ class TrustedIssuer:
     static_keys: Mapping[str, PublicJwk]
     algorithms: frozenset[str]
     tenants: frozenset[str] | None
+    # URL prefixes of the FHIR servers this client may send as fhirServer (None: the global allowlist).
+    fhir_servers: tuple[str, ...] | None = None
 
 
 def load_trusted_issuers(raw: str) -> dict[str, TrustedIssuer]:
@@ -200,7 +202,12 @@ def _issuer(source: str, iss: str, entry: Any) -> TrustedIssuer:
             if key.kid in static_keys:
                 raise ConfigError(f"{where}: duplicate kid {key.kid!r} in 'jwks'")
             static_keys[key.kid] = key
-    return TrustedIssuer(iss, frozenset(jkus), static_keys, frozenset(algorithms), tenants)
+    fhir_servers = None
+    if "fhirServers" in entry:
+        fhir_servers = tuple(_string_list(where, "fhirServers", entry["fhirServers"]))
+        if not all(url.startswith(("https://", "http://")) for url in fhir_servers):
+            raise ConfigError(f"{where}: 'fhirServers' must be absolute http(s) URL prefixes")
+    return TrustedIssuer(iss, frozenset(jkus), static_keys, frozenset(algorithms), tenants, fhir_servers)
 
 
 def _string_list(where: str, name: str, value: Any, *, allow_empty: bool = False) -> list[str]:
@@ -407,10 +414,10 @@ class JwtAuthenticator:
             for url in sorted(issuer.jkus)
         }
 
-    def authenticate(self, authorization_header: str | None, endpoint_url: str) -> None:
+    def authenticate(self, authorization_header: str | None, endpoint_url: str) -> str:
         token = bearer_token(authorization_header)
         try:
-            self._verify(token, endpoint_url)
+            return self._verify(token, endpoint_url)
         except _Refused as refused:
             extra = {"reason": refused.reason}
             if refused.issuer is not None:
@@ -418,7 +425,7 @@ class JwtAuthenticator:
             log.info("authentication failed", extra=extra)
             raise Unauthorized(GENERIC_FAILURE) from None
 
-    def _verify(self, token: str, endpoint_url: str) -> None:
+    def _verify(self, token: str, endpoint_url: str) -> str:
         if len(token) > MAX_TOKEN_CHARS:
             raise _Refused("token too large")
         try:
@@ -514,6 +521,7 @@ class JwtAuthenticator:
         # 5. Replay, last: only tokens that are otherwise valid are recorded.
         if not self._replay.check_and_store(issuer.iss, jti, exp + self._leeway):
             raise _Refused("replayed jti", issuer.iss)
+        return issuer.iss
 
 
 def _is_number(value: Any) -> bool:

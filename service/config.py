@@ -33,6 +33,10 @@ class Settings:
     # request's own URL is used.
     public_base_url: str = ""
     # Calls to the EHR's FHIR server (absent prefetch keys).
+    # FHIR servers the service may contact (comma-separated URL prefixes). A trusted issuer may carry its
+    # own list ("fhirServers" in CMV_CDS_TRUSTED_ISSUERS). Empty: none while auth is on; any https (or a
+    # loopback http) server when auth is off.
+    fhir_server_allowlist: str = ""
     fhir_timeout_seconds: float = 3.0
     fhir_max_pages: int = 10
     fhir_max_workers: int = 6
@@ -62,6 +66,10 @@ class Settings:
     jwt_max_lifetime_seconds: int = 3600
     # How long a JWK Set fetched from a jku is reused before it is fetched again.
     jwks_cache_seconds: int = 300
+
+    @property
+    def fhir_server_prefixes(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.fhir_server_allowlist.split(",") if p.strip())
 
     @classmethod
     def load(cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -99,6 +107,9 @@ class Settings:
             raise ConfigError("CMV_CDS_HIGH_VIRAL_LOAD_IU_ML must be positive")
         if not 0 < self.port < 65536 or not 1 <= self.workers <= 64:
             raise ConfigError("CMV_CDS_PORT must be 1-65535 and CMV_CDS_WORKERS 1-64")
+        for prefix in self.fhir_server_prefixes:
+            if not prefix.startswith(("https://", "http://")):
+                raise ConfigError("CMV_CDS_FHIR_SERVER_ALLOWLIST entries must be absolute http(s) URL prefixes")
         if self.public_base_url and not self.public_base_url.startswith(("http://", "https://")):
             raise ConfigError("CMV_CDS_PUBLIC_BASE_URL must be an absolute http(s) URL")
         if not 0 <= self.jwt_leeway_seconds <= 300:

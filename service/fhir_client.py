@@ -6,6 +6,7 @@ own origin: the service must never become a proxy into the hospital network.
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -111,6 +112,44 @@ def _within(base: str, url: str) -> bool:
         return False
     segments = [s for s in segments if s]
     return segments[: len(base_segments)] == base_segments
+
+
+@dataclass(frozen=True)
+class FhirAccessPolicy:
+    """Which fhirServer URLs the service may contact for this request (an SSRF guard).
+
+    - https only; plain http only to a loopback host, and only when authentication is off (local use);
+    - with an allowlist (global, or the calling issuer's own), the URL must lie under one of its prefixes;
+    - with no allowlist, any https server is allowed only when authentication is off; otherwise none.
+    """
+
+    prefixes: tuple[str, ...]
+    auth_required: bool
+
+    def refusal(self, url: str) -> str | None:
+        """Why ``url`` may not be contacted, or None when it may."""
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme == "http":
+            if self.auth_required or not _is_loopback(parts.hostname or ""):
+                return "fhirServer must use https (plain http only to a loopback host with auth off)"
+        elif scheme != "https":
+            return "fhirServer must be an https URL"
+        if self.prefixes:
+            if not any(_within(prefix, url) for prefix in self.prefixes):
+                return "fhirServer is not on the FHIR server allowlist"
+        elif self.auth_required:
+            return "no FHIR server allowlist is configured (CMV_CDS_FHIR_SERVER_ALLOWLIST)"
+        return None
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _read_capped(resp: requests.Response, cap: int, deadline: float) -> bytes:

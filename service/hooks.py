@@ -14,6 +14,7 @@ from service import prefetch
 from service.config import Settings
 from service.draft_orders import split_draft_orders
 from service.errors import InvalidRequest
+from service.fhir_client import FhirAccessPolicy
 from service.registry import ServiceDefinition
 from service.validation import validate
 
@@ -43,14 +44,18 @@ def validate_request(service: ServiceDefinition, body: Mapping[str, Any]) -> Non
 
 
 def run_hook(
-    service: ServiceDefinition, body: Mapping[str, Any], settings: Settings, today: dt.date | None = None
+    service: ServiceDefinition,
+    body: Mapping[str, Any],
+    settings: Settings,
+    access: FhirAccessPolicy,
+    today: dt.date | None = None,
 ) -> list[Card]:
     """Cards for a validated request. No CMV antiviral selected → no cards, and no data is fetched."""
     context = body["context"]
     drafts = split_draft_orders(context, all_selected=service.checks_all_draft_orders)
     if not selects_cmv_antiviral(drafts.selected):
         return []
-    data = prefetch.resolve(list(service.prefetch), body, settings)
+    data = prefetch.resolve(list(service.prefetch), body, settings, access)
     resources = tuple(resource for key in sorted(data) for resource in data[key])
     request = HookRequest(
         hook=service.hook,

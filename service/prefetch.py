@@ -22,7 +22,7 @@ import requests
 
 from service.config import Settings
 from service.errors import InvalidRequest, PreconditionFailed
-from service.fhir_client import FhirFetchError, FhirServer, bundle_resources, next_link
+from service.fhir_client import FhirAccessPolicy, FhirFetchError, FhirServer, bundle_resources, next_link
 
 log = logging.getLogger("cmv_cds.prefetch")
 
@@ -94,6 +94,7 @@ def resolve(
     templates: list[PrefetchTemplate],
     body: Mapping[str, Any],
     settings: Settings,
+    access: FhirAccessPolicy,
 ) -> dict[str, list[dict[str, Any]]]:
     """Return, for every template key, the resources it yields (possibly an empty list)."""
     context: Mapping[str, Any] = body["context"]
@@ -120,7 +121,7 @@ def resolve(
     if not to_fetch:
         return results
 
-    server = _server_for(body, settings, [t.key for t, _ in to_fetch])
+    server = _server_for(body, settings, [t.key for t, _ in to_fetch], access)
     started = time.monotonic()
 
     def fetch(item: tuple[PrefetchTemplate, str | None]) -> tuple[str, list[dict[str, Any]]]:
@@ -156,13 +157,17 @@ def resolve(
     return results
 
 
-def _server_for(body: Mapping[str, Any], settings: Settings, keys: list[str]) -> FhirServer:
+def _server_for(body: Mapping[str, Any], settings: Settings, keys: list[str], access: FhirAccessPolicy) -> FhirServer:
     base = body.get("fhirServer")
     if not isinstance(base, str) or not base:
         raise PreconditionFailed(
             "prefetch incomplete and no fhirServer to fetch from: " + ", ".join(sorted(keys)),
             expression="prefetch",
         )
+    refusal = access.refusal(base)
+    if refusal is not None:
+        log.warning("fhirServer refused", extra={"reason": refusal})
+        raise PreconditionFailed(f"{refusal}; it was not contacted", expression="fhirServer")
     auth = body.get("fhirAuthorization")
     token = auth.get("access_token") if isinstance(auth, dict) else None
     return FhirServer(
