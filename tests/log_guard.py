@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 from service.logs import JsonFormatter
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# A FHIR resource embedded in a log line, as a JSON object or as an escaped JSON string.
+_RAW_RESOURCE = re.compile(r'\\?"resourceType\\?"\s*:')
 
 
 class Capture(logging.Handler):
@@ -55,6 +58,6 @@ def leaks(lines: list[str], sensitive: set[str]) -> list[str]:
     """Log lines that carry a sensitive string or a raw FHIR resource."""
     bad = []
     for line in lines:
-        if any(value in line for value in sensitive) or "resourceType" in line:
+        if any(value in line for value in sensitive) or _RAW_RESOURCE.search(line):
             bad.append(line)
     return bad

@@ -63,7 +63,9 @@ def test_log_guard_detects_patient_data() -> None:
     assert {"Quixotetest", "Marigold", "MRN-7788123"} <= sensitive
     assert leaks(['{"message":"request","note":"Quixotetest"}'], sensitive)
     assert leaks(['{"message":"x","body":{"resourceType":"Patient"}}'], sensitive)
+    assert leaks(['{"message":"x","body":"{\\"resourceType\\": \\"Patient\\"}"}'], sensitive)
     assert not leaks(['{"message":"request","status":200}'], sensitive)
+    assert not leaks(['{"reason":"InvalidRequest at context.draftOrders.resourceType"}'], sensitive)
 
 
 def test_a_full_request_logs_no_patient_data(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
