@@ -32,6 +32,16 @@ FRESHNESS_DAYS = {
     "weight": 30,  # body weight 30 days
     "viral_load": 14,  # CMV viral load 14 days
 }
+# Product safety limits, not label values (the references give none): a value outside them is a data
+# error (wrong unit, typo), treated as unusable so no dose is computed from it, and the card says so.
+# Cockcroft-Gault is meaningless at age ≥ 140, and mg/kg doses from a mistyped weight would be absurd.
+PLAUSIBLE: dict[str, tuple[float, float]] = {
+    "BodyWeight": (10.0, 500.0),  # kg
+    "BodyHeight": (50.0, 250.0),  # cm
+    "SerumCreatinine": (0.1, 25.0),  # mg/dL
+}
+MAX_PLAUSIBLE_AGE_YEARS = 125
+
 # policy.md §6: a positive hCG "within 30 days" counts as pregnancy.
 PREGNANCY_TEST_WINDOW_DAYS = 30
 # clinical.md §4 / policy.md §4: a nephrotoxic agent active "in the last 7 days" bars cidofovir.
@@ -242,7 +252,7 @@ def _has_value(observation: Mapping[str, Any]) -> bool:
 
 def _usable_observation(observation: Mapping[str, Any]) -> bool:
     status = observation.get("status")
-    if status in _IGNORED_STATUSES:
+    if not isinstance(status, str) or status in _IGNORED_STATUSES:
         return False
     return not (status == "preliminary" and not _has_value(observation))
 
@@ -283,16 +293,21 @@ def _latest_measurement(
             else "no numeric result"
         )
         return Unusable(reason=reason, source=source, date=when)
+    limits = PLAUSIBLE.get(set_name)
+    if limits is not None and not limits[0] <= value <= limits[1]:
+        reason = f"value {value:.4g} {unit} outside the plausible range {limits[0]:g}–{limits[1]:g} {unit}"
+        return Unusable(reason=reason, source=source, date=when)
     window = FRESHNESS_DAYS.get(freshness_key or "")
     stale = window is not None and (today - when).days > window
     return Measurement(value=value, unit=unit, date=when, source=source, stale=stale)
 
 
 def _age(birth_date: dt.date | None, today: dt.date) -> int | None:
-    """Completed years on ``today`` (policy.md §3)."""
+    """Completed years on ``today`` (policy.md §3); None when unknown or implausible."""
     if birth_date is None or birth_date > today:
         return None
-    return today.year - birth_date.year - ((today.month, today.day) < (birth_date.month, birth_date.day))
+    age = today.year - birth_date.year - ((today.month, today.day) < (birth_date.month, birth_date.day))
+    return age if age <= MAX_PLAUSIBLE_AGE_YEARS else None
 
 
 def _viral_loads(observations: Sequence[Mapping[str, Any]]) -> tuple[ViralLoad, ...]:
@@ -374,20 +389,20 @@ def _positive_pregnancy_test(observations: Sequence[Mapping[str, Any]], today: d
     return None
 
 
+def coding_codes(concept: Any) -> set[str]:
+    """The string codes of a CodeableConcept's codings; malformed parts are ignored."""
+    codings = concept.get("coding") if isinstance(concept, dict) else None
+    if not isinstance(codings, list):
+        return set()
+    return {c["code"] for c in codings if isinstance(c, dict) and isinstance(c.get("code"), str)}
+
+
 def _active_condition(condition: Mapping[str, Any], today: dt.date) -> bool:
-    status = condition.get("clinicalStatus")
-    codes = (
-        {c.get("code") for c in (status or {}).get("coding") or [] if isinstance(c, dict)}
-        if isinstance(status, dict)
-        else set()
-    )
+    codes = coding_codes(condition.get("clinicalStatus"))
     if codes and not codes & _ACTIVE_CONDITION:
         return False
-    verification = condition.get("verificationStatus")
-    if isinstance(verification, dict):
-        vcodes = {c.get("code") for c in verification.get("coding") or [] if isinstance(c, dict)}
-        if vcodes & _EXCLUDED_VERIFICATION:
-            return False
+    if coding_codes(condition.get("verificationStatus")) & _EXCLUDED_VERIFICATION:
+        return False
     abated = parse_date(condition.get("abatementDateTime"))
     return abated is None or abated > today
 

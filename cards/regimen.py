@@ -127,7 +127,7 @@ def compute(
     if isinstance(scr, MissingItem):
         missing.append(scr)
     if needs_renal and facts.age_years is None:
-        missing.append(MissingItem("age", "patient birth date not available", None))
+        missing.append(MissingItem("age", "patient birth date not available or implausible", None))
     if missing:
         return Missing(drug, tuple(missing))
     assert isinstance(weight, Measurement)

@@ -13,7 +13,7 @@ from flask import Flask, Response, g, request
 
 from service.auth import Authenticator, build_authenticator, load_trusted_issuers
 from service.config import Settings
-from service.errors import NotFound, UnsupportedMediaType, json_response, register_error_handlers
+from service.errors import NotFound, UnsupportedMediaType, json_response, operation_outcome, register_error_handlers
 from service.fhir_client import FhirAccessPolicy
 from service.hooks import parse_json_object, run_hook, validate_request
 from service.logs import configure_logging
@@ -101,7 +101,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     def readyz() -> Response:
         """Readiness: the feedback database answers."""
         if not store.ping():
-            return json_response({"status": "unavailable", "database": "unreachable"}, status=503)
+            outcome = operation_outcome("feedback database unreachable", issue_code="transient")
+            return json_response(outcome, status=503)
         return json_response({"status": "ready", "database": "ok"})
 
     @app.get("/cds-services")
@@ -120,7 +121,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         )
         cards = run_hook(service, body, settings, access)
         rendered = [card.to_json() for card in cards]
-        store.record_cards(
+        # Written behind by a background thread (service.store): the answer does not wait for the database.
+        store.record_cards_later(
             service.id,
             body["hookInstance"],
             [

@@ -93,18 +93,19 @@ class FhirServer:
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
+def _origin(url: str) -> tuple[str, str, int | None] | None:
+    """(scheme, host, port with the scheme's default); None for a URL that does not parse."""
     try:
-        port = parts.port or _DEFAULT_PORTS.get(scheme)
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        return scheme, (parts.hostname or "").lower(), parts.port or _DEFAULT_PORTS.get(scheme)
     except ValueError:
-        port = -1
-    return scheme, (parts.hostname or "").lower(), port
+        return None
 
 
 def _within(base: str, url: str) -> bool:
-    if _origin(url) != _origin(base):
+    origin = _origin(url)
+    if origin is None or origin != _origin(base):
         return False
     base_segments = [s for s in urlsplit(base).path.split("/") if s]
     segments = urlsplit(url).path.split("/")
@@ -128,6 +129,8 @@ class FhirAccessPolicy:
 
     def refusal(self, url: str) -> str | None:
         """Why ``url`` may not be contacted, or None when it may."""
+        if _origin(url) is None:
+            return "fhirServer is not a valid URL"
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme == "http":

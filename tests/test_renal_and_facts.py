@@ -118,7 +118,8 @@ def test_unknown_unit_is_unusable_not_guessed(loinc: str, unit: str) -> None:
 def test_freshness_windows(loinc: str, days_ago: int, stale: bool) -> None:
     """policy.md §2: creatinine 7 days, counts 7 days, weight 30 days."""
     unit = {"2160-0": "mg/dL", "29463-7": "kg", "751-8": "/uL"}[loinc]
-    facts = _facts([observation(loinc, 1.0, unit, TODAY, days_ago=days_ago)])
+    value = {"2160-0": 1.0, "29463-7": 70.0, "751-8": 2000.0}[loinc]
+    facts = _facts([observation(loinc, value, unit, TODAY, days_ago=days_ago)])
     value = {"2160-0": facts.creatinine, "29463-7": facts.weight, "751-8": facts.anc}[loinc]
     assert isinstance(value, Measurement)
     assert value.stale is stale
@@ -219,3 +220,32 @@ def test_medications_classified_with_start_and_route() -> None:
     assert ganciclovir.route == "iv"
     assert facts.medications_in("NephrotoxicDrugs") == []  # stopped 3 days ago: not active today
     assert any("NephrotoxicDrugs" in m.sets for m in facts.medications)
+
+
+@pytest.mark.parametrize(
+    ("loinc", "value", "unit", "usable"),
+    [
+        ("29463-7", 10.0, "kg", True),
+        ("29463-7", 9.99, "kg", False),
+        ("29463-7", 500.0, "kg", True),
+        ("29463-7", 1e15, "kg", False),
+        ("2160-0", 0.1, "mg/dL", True),
+        ("2160-0", 0.09, "mg/dL", False),
+        ("2160-0", 25.0, "mg/dL", True),
+        ("2160-0", 5e-324, "mg/dL", False),
+    ],
+)
+def test_implausible_values_are_unusable(loinc: str, value: float, unit: str, usable: bool) -> None:
+    """Product safety limits (cards.facts.PLAUSIBLE): a mistyped value must not become a dose."""
+    facts = _facts([observation(loinc, value, unit, TODAY)])
+    measured = facts.weight if loinc == "29463-7" else facts.creatinine
+    assert isinstance(measured, Measurement) is usable
+    if not usable:
+        assert isinstance(measured, Unusable)
+        assert "plausible range" in measured.reason
+
+
+def test_implausible_age_is_unknown() -> None:
+    facts = build_facts([patient(126, "male", TODAY)], [], "pat-t", TODAY)
+    assert facts.age_years is None
+    assert build_facts([patient(125, "male", TODAY)], [], "pat-t", TODAY).age_years == 125
