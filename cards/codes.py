@@ -103,6 +103,9 @@ class CodeSet:
     text_patterns: tuple[str, ...]
     _pairs: frozenset[tuple[str, str]] = field(init=False, repr=False, compare=False)
     _regex: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+    # True on the registry's own instances only (code_set / all_code_sets), for which the fast lookups
+    # at the end of this module answer.
+    registered: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self) -> None:
         pairs = frozenset(_coding_key(c.system, c.code) for c in self.concepts)
@@ -290,7 +293,10 @@ def load_code_sets(directory: Path = VALUESETS_DIR) -> dict[str, CodeSet]:
 
 @functools.cache
 def _registry() -> MappingProxyType[str, CodeSet]:
-    return MappingProxyType(load_code_sets(VALUESETS_DIR))
+    sets = load_code_sets(VALUESETS_DIR)
+    for code_set_ in sets.values():
+        object.__setattr__(code_set_, "registered", True)
+    return MappingProxyType(sets)
 
 
 def all_code_sets() -> dict[str, CodeSet]:
@@ -305,3 +311,64 @@ def code_set(name: str) -> CodeSet:
         return registry[name]
     except KeyError:
         raise KeyError(f"unknown code set {name!r}; known sets: {', '.join(sorted(registry))}") from None
+
+
+# ----------------------------------------------------------------------------------- fast lookups
+# The clinical rules ask "is this concept in set X?" a few hundred times per hook call (every
+# observation against every measurement set, every medication against every drug set), which was the
+# largest CPU cost of a call (bench/README.md). These give the same answers as ``CodeSet.has_coding`` and
+# ``CodeSet.matches_text`` for the registered sets, with the normalisation and the regex search of a
+# given coding or text done once per process instead of once per question.
+
+# Strings longer than this (rare, and possibly hostile) are looked up without being cached.
+_CACHEABLE_LENGTH: Final = 256
+_NO_SETS: Final[frozenset[str]] = frozenset()
+
+
+@functools.lru_cache(maxsize=8192)
+def _cached_coding_key(system: str, code: str) -> tuple[str, str]:
+    return _coding_key(system, code)
+
+
+@functools.cache
+def _code_index() -> MappingProxyType[tuple[str, str], frozenset[str]]:
+    """(normalised system, code) → names of the registered sets that list it."""
+    index: dict[tuple[str, str], set[str]] = {}
+    for code_set_ in _registry().values():
+        for pair in code_set_._pairs:
+            index.setdefault(pair, set()).add(code_set_.name)
+    return MappingProxyType({pair: frozenset(names) for pair, names in index.items()})
+
+
+def coded_set_names(concept: object) -> frozenset[str]:
+    """Names of the registered sets for which ``matches_coding_only(concept)`` is true."""
+    if not isinstance(concept, dict):
+        return _NO_SETS
+    codings = concept.get("coding")
+    if not isinstance(codings, list):
+        return _NO_SETS
+    index = _code_index()
+    found = _NO_SETS
+    for coding in codings:
+        if not isinstance(coding, dict):
+            continue
+        system, code = coding.get("system"), coding.get("code")
+        if isinstance(system, str) and isinstance(code, str):
+            cacheable = len(system) + len(code) <= _CACHEABLE_LENGTH
+            names = index.get(_cached_coding_key(system, code) if cacheable else _coding_key(system, code))
+            if names:
+                found = found | names
+    return found
+
+
+def _text_set_names(text: str) -> frozenset[str]:
+    return frozenset(name for name, code_set_ in _registry().items() if code_set_.matches_text(text))
+
+
+_cached_text_set_names = functools.lru_cache(maxsize=8192)(_text_set_names)
+
+
+def text_set_names(text: str) -> frozenset[str]:
+    """Names of the registered sets for which ``matches_text(text)`` is true (cached per text: the same
+    displays and medication names come back in call after call)."""
+    return _cached_text_set_names(text) if len(text) <= _CACHEABLE_LENGTH else _text_set_names(text)

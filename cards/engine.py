@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from cards import rules
 from cards.dosing import Drug
-from cards.facts import build_facts, medication_route, medication_sets
+from cards.facts import build_facts, concept_memo, medication_route, medication_sets
 from cards.model import Card
 
 _DRUGS: tuple[tuple[str, Drug], ...] = (
@@ -65,6 +65,11 @@ def selects_cmv_antiviral(orders: Sequence[Mapping[str, Any]]) -> bool:
 
 def evaluate(request: HookRequest, options: ClinicalOptions) -> list[Card]:
     """All cards for the request, most urgent first."""
+    with concept_memo():  # the rules ask the same concept questions as the facts (cards.facts)
+        return _evaluate(request, options)
+
+
+def _evaluate(request: HookRequest, options: ClinicalOptions) -> list[Card]:
     selected = [(order, drug) for order in request.selected_orders if (drug := cmv_drug(order))]
     if not selected:
         return []

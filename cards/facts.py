@@ -12,14 +12,17 @@ validated with the R4B models in ``service.draft_orders``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import functools
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cards import units
-from cards.codes import CodeSet, code_set
+from cards.codes import CodeSet, code_set, coded_set_names, text_set_names
 
 Sex = Literal["male", "female", "other", "unknown"]
 
@@ -225,9 +228,79 @@ def _texts(concept: Any) -> list[str]:
 
 def concept_in(concept: Any, value_set: CodeSet) -> bool:
     """Code match, or a name match whose wording is not negated or qualified."""
+    if value_set.registered:
+        return value_set.name in _concept_sets(concept).matched
     if value_set.matches_coding_only(concept):
         return True
     return value_set.matches_concept(concept) and not any(_NEGATED.search(t) for t in _texts(concept))
+
+
+def coded_in(concept: Any, value_set: CodeSet) -> bool:
+    """``value_set.matches_coding_only(concept)``, through the per-call memo for registered sets."""
+    if value_set.registered:
+        return value_set.name in _concept_sets(concept).coded
+    return value_set.matches_coding_only(concept)
+
+
+# Per-call memo of the registered code sets each CodeableConcept is in (the answers of the code above,
+# computed once per concept from per-coding and per-text lookups cached in cards.codes).
+# Why: build_facts and the rules ask some 300 (concept, set) questions per hook call, and each answer
+# re-normalised the codings and re-ran regexes over the texts: 0.8 ms of a ~3 ms call (bench/README.md).
+# Keyed by id() for speed; each entry keeps a reference to its concept, so the id cannot be reused by
+# another object while the memo lives, and the identity check rules out a stale hit. The memo lives for
+# one evaluate() / build_facts() call, during which the input resources are not modified.
+@dataclass(frozen=True)
+class _ConceptSets:
+    concept: Any
+    coded: frozenset[str]  # sets matched by a coding (matches_coding_only)
+    matched: frozenset[str]  # concept_in: coded, or named by a text or display that is not negated
+
+
+_MEMO: ContextVar[dict[int, _ConceptSets] | None] = ContextVar("cmv_cds_concept_memo", default=None)
+# Texts longer than this (rare, and possibly hostile) are checked for negation without being cached.
+_CACHEABLE_TEXT = 256
+
+
+@functools.lru_cache(maxsize=8192)
+def _negated_cached(text: str) -> bool:
+    return _NEGATED.search(text) is not None
+
+
+def _negated(text: str) -> bool:
+    return _negated_cached(text) if len(text) <= _CACHEABLE_TEXT else _NEGATED.search(text) is not None
+
+
+def _new_concept_sets(concept: Any) -> _ConceptSets:
+    coded = coded_set_names(concept)
+    matched = coded
+    texts = _texts(concept)
+    if texts and not any(_negated(t) for t in texts):
+        for text in texts:
+            matched = matched | text_set_names(text)
+    return _ConceptSets(concept, coded, matched)
+
+
+def _concept_sets(concept: Any) -> _ConceptSets:
+    memo = _MEMO.get()
+    if memo is None:
+        return _new_concept_sets(concept)
+    entry = memo.get(id(concept))
+    if entry is None or entry.concept is not concept:
+        entry = memo[id(concept)] = _new_concept_sets(concept)
+    return entry
+
+
+@contextlib.contextmanager
+def concept_memo() -> Iterator[None]:
+    """Memoise concept matching for the duration of the block (reentrant)."""
+    if _MEMO.get() is not None:
+        yield
+        return
+    token = _MEMO.set({})
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
 
 
 def concept_label(concept: Any, fallback: str) -> str:
@@ -235,15 +308,38 @@ def concept_label(concept: Any, fallback: str) -> str:
     return texts[0][:80] if texts else fallback
 
 
-def _observation_date(observation: Mapping[str, Any]) -> dt.date | None:
+def parse_instant(value: Any) -> dt.datetime | None:
+    """FHIR date/dateTime/instant → an aware datetime for ordering (dates at 00:00, naive times as UTC)."""
+    day = parse_date(value)
+    if day is None:
+        return None
+    assert isinstance(value, str)
+    text = value.strip()
+    if len(text) > 10:
+        try:
+            moment = dt.datetime.fromisoformat(text.replace("z", "Z"))
+        except ValueError:
+            return None
+        return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+    return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
+
+
+def _observation_instant(observation: Mapping[str, Any]) -> dt.datetime | None:
+    """When the observation was made (policy.md §2: effectiveDateTime, else issued), to the second, so
+    that two results on the same day are ordered correctly."""
     for key in ("effectiveDateTime", "effectiveInstant", "issued"):
-        found = parse_date(observation.get(key))
+        found = parse_instant(observation.get(key))
         if found:
             return found
     period = observation.get("effectivePeriod")
     if isinstance(period, dict):
-        return parse_date(period.get("start")) or parse_date(period.get("end"))
+        return parse_instant(period.get("start")) or parse_instant(period.get("end"))
     return None
+
+
+def _observation_date(observation: Mapping[str, Any]) -> dt.date | None:
+    instant = _observation_instant(observation)
+    return instant.date() if instant else None
 
 
 def _has_value(observation: Mapping[str, Any]) -> bool:
@@ -260,15 +356,16 @@ def _usable_observation(observation: Mapping[str, Any]) -> bool:
 def _observations_in(
     observations: Iterable[Mapping[str, Any]], value_set: CodeSet
 ) -> list[tuple[dt.date, dict[str, Any]]]:
-    dated = []
+    """Usable observations of a set, oldest first by their full timestamp, with their dates."""
+    timed = []
     for observation in observations:
         if not _usable_observation(observation) or not concept_in(observation.get("code"), value_set):
             continue
-        when = _observation_date(observation)
-        if when is not None:
-            dated.append((when, dict(observation)))
-    dated.sort(key=lambda item: item[0])
-    return dated
+        instant = _observation_instant(observation)
+        if instant is not None:
+            timed.append((instant, dict(observation)))
+    timed.sort(key=lambda item: item[0])
+    return [(instant.date(), observation) for instant, observation in timed]
 
 
 def _latest_measurement(
@@ -311,7 +408,7 @@ def _age(birth_date: dt.date | None, today: dt.date) -> int | None:
 
 
 def _viral_loads(observations: Sequence[Mapping[str, Any]]) -> tuple[ViralLoad, ...]:
-    loads: list[ViralLoad] = []
+    loads: list[tuple[dt.datetime, ViralLoad]] = []
     sets = {
         name: code_set(name)
         for name in ("CmvViralLoadIU", "CmvViralLoadLog10IU", "CmvViralLoadCopies", "CmvDnaQualitative")
@@ -320,12 +417,13 @@ def _viral_loads(observations: Sequence[Mapping[str, Any]]) -> tuple[ViralLoad, 
         if not _usable_observation(observation):
             continue
         code = observation.get("code")
-        kind = next((name for name, vs in sets.items() if vs.matches_coding_only(code)), None)
+        kind = next((name for name, vs in sets.items() if coded_in(code, vs)), None)
         if kind is None:
             kind = next((name for name, vs in sets.items() if concept_in(code, vs)), None)
-        when = _observation_date(observation)
-        if kind is None or when is None:
+        instant = _observation_instant(observation)
+        if kind is None or instant is None:
             continue
+        when = instant.date()
         source = _reference(observation)
         quantity = observation.get("valueQuantity")
         undetectable = _reads_undetectable(observation)
@@ -345,11 +443,12 @@ def _viral_loads(observations: Sequence[Mapping[str, Any]]) -> tuple[ViralLoad, 
             iu, undetectable = None, True
         if iu is None and copies is None and not undetectable:
             if kind == "CmvDnaQualitative" and _reads_detected(observation):
-                loads.append(ViralLoad(date=when, source=source, iu_per_ml=None, undetectable=False))
+                loads.append((instant, ViralLoad(date=when, source=source, iu_per_ml=None, undetectable=False)))
             continue
-        loads.append(ViralLoad(date=when, source=source, iu_per_ml=iu, undetectable=undetectable, copies_per_ml=copies))
-    loads.sort(key=lambda load: load.date)
-    return tuple(loads)
+        load = ViralLoad(date=when, source=source, iu_per_ml=iu, undetectable=undetectable, copies_per_ml=copies)
+        loads.append((instant, load))
+    loads.sort(key=lambda item: item[0])
+    return tuple(load for _, load in loads)
 
 
 def _value_texts(observation: Mapping[str, Any]) -> list[str]:
@@ -500,6 +599,16 @@ def build_facts(
     today: dt.date,
 ) -> PatientFacts:
     """Collect the facts from every resource the request carried or the service fetched."""
+    with concept_memo():
+        return _build_facts(resources, other_draft_orders, patient_id, today)
+
+
+def _build_facts(
+    resources: Iterable[Mapping[str, Any]],
+    other_draft_orders: Iterable[Mapping[str, Any]],
+    patient_id: str,
+    today: dt.date,
+) -> PatientFacts:
     by_type: dict[str, dict[str, Mapping[str, Any]]] = {}
     for resource in resources:
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
@@ -589,4 +698,4 @@ def build_facts(
 def _cmv_related(concept: Any) -> bool:
     if concept_in(concept, code_set("CmvInfection")):
         return True
-    return any(code_set(name).matches_coding_only(concept) for name in MANIFESTATION_SETS.values())
+    return any(coded_in(concept, code_set(name)) for name in MANIFESTATION_SETS.values())

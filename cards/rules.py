@@ -146,7 +146,9 @@ def create_action(ctx: Context, regimen: Regimen) -> Action:
 
 
 def update_action(order: Mapping[str, Any], regimen: Regimen) -> Action:
-    resource = fhir_out.updated_medication_request(order, dose_spec(regimen), regimen_note(regimen))
+    resource = fhir_out.updated_medication_request(
+        order, dose_spec(regimen), regimen_note(regimen), DRUG_SET[regimen.drug]
+    )
     return Action("update", f"Change the selected order to {regimen.summary_text()}", resource=resource)
 
 

@@ -10,7 +10,6 @@ malformed one cannot sink the request.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from fhir.resources.R4B.medicationrequest import MedicationRequest
 from pydantic import ValidationError
 
+from cards.fhir_out import json_copy
 from service.errors import InvalidRequest
 from service.validation import format_path
 
@@ -43,7 +43,7 @@ def _wrap(resource: dict[str, Any], names: tuple[str, ...]) -> None:
 
 def normalise_medication_request(resource: Mapping[str, Any]) -> dict[str, Any]:
     """A deep copy with single objects wrapped where R4 has arrays."""
-    fixed = copy.deepcopy(dict(resource))
+    fixed = json_copy(resource)  # an orjson round trip, ~6x cheaper than copy.deepcopy (cards.fhir_out)
     _wrap(fixed, _MEDREQ_ARRAYS)
     dosages = fixed.get("dosageInstruction")
     if isinstance(dosages, list):

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 
 from cards.engine import ClinicalOptions, HookRequest, evaluate, selects_cmv_antiviral
+from cards.facts import concept_memo
 from cards.model import Card
 from service import prefetch
 from service.config import Settings
@@ -51,6 +52,19 @@ def run_hook(
     today: dt.date | None = None,
 ) -> list[Card]:
     """Cards for a validated request. No CMV antiviral selected → no cards, and no data is fetched."""
+    # One concept-matching memo for the whole call: the selected drafts are classified here and again
+    # by the rules (cards.facts.concept_memo).
+    with concept_memo():
+        return _run_hook(service, body, settings, access, today)
+
+
+def _run_hook(
+    service: ServiceDefinition,
+    body: Mapping[str, Any],
+    settings: Settings,
+    access: FhirAccessPolicy,
+    today: dt.date | None,
+) -> list[Card]:
     context = body["context"]
     drafts = split_draft_orders(context, all_selected=service.checks_all_draft_orders)
     if not selects_cmv_antiviral(drafts.selected):

@@ -19,17 +19,30 @@ that reads and then writes can fail with SQLITE_BUSY without waiting), and dupli
 resolved by unique constraints with ``ON CONFLICT DO NOTHING``, never by read-then-write.
 
 Errors are not swallowed: a database outage raises from the call (the app's error edge turns it into
-a 500). Only ``ping`` converts a database error into ``False``, which is its purpose.
+a 500). Only ``ping`` converts a database error into ``False``, which is its purpose. The one exception
+is ``record_cards_later`` (the hook path): its cards are written by a background thread, which logs a
+failed write instead of failing a hook call that has already been answered.
+
+Write-behind of issued cards: a hook call queues its cards (``record_cards_later``) and a background
+thread of the process writes everything queued within ``WRITE_BEHIND_SECONDS`` in one transaction. Writing
+them in the request cost ~0.4 ms of CPU per call and, with two workers on one SQLite file, serialised the
+workers on SQLite's write lock (busy-handler sleeps of 1 ms and more under load; see bench/README.md).
+Feedback stays correct: ``store_feedback`` first writes this process's queue, and when a card is not
+found it waits once for the other processes' write-behind delay before calling the card unknown.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
+import os
 import re
 import sqlite3
+import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,6 +81,12 @@ _WRITE = "cmv_cds_write"
 # pg_advisory_xact_lock key serialising create_schema across workers (any fixed int64).
 _SCHEMA_LOCK_KEY = 0x636D765F636473  # "cmv_cds"
 _SQLITE_BUSY_TIMEOUT_SECONDS = 5
+# Write-behind of issued cards: how long the background writer gathers queued cards into one transaction.
+WRITE_BEHIND_SECONDS = 0.05
+# Queued rows above which a hook call writes the queue itself (back-pressure when the database is slow).
+WRITE_BEHIND_MAX_ROWS = 2000
+# How long store_feedback waits for another process's write-behind before calling a card unknown.
+WRITE_BEHIND_GRACE_SECONDS = 3 * WRITE_BEHIND_SECONDS
 
 
 @dataclass(frozen=True)
@@ -211,6 +230,7 @@ class FeedbackStore:
             self._engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args)
         else:
             raise ConfigError(f"unsupported feedback database {url.drivername!r}: use sqlite or postgresql")
+        self._queue = _CardQueue(self)
 
     @property
     def engine(self) -> Engine:
@@ -227,24 +247,34 @@ class FeedbackStore:
 
     def record_cards(self, service_id: str, hook_instance: str, cards: Sequence[IssuedCard]) -> None:
         """Remember the cards returned by one call. A uuid already recorded is left as it is."""
-        if not cards:
-            return
-        now = datetime.now(UTC)
-        rows = [
-            {
-                "uuid": card.uuid,
-                "service_id": service_id,
-                "rule_id": card.rule_id,
-                "indicator": card.indicator,
-                "suggestion_uuids": _dump(card.suggestion_uuids),
-                "hook_instance": hook_instance,
-                "issued_at": now,
-            }
-            for card in cards
-        ]
+        if cards:
+            self._insert_issued(_issued_rows(service_id, hook_instance, cards))
+
+    def record_cards_later(self, service_id: str, hook_instance: str, cards: Sequence[IssuedCard]) -> None:
+        """``record_cards`` written behind by a background thread (see the module docstring): the hook
+        call does not wait for the database. ``store_feedback`` and ``dispose`` write the queue first."""
+        if cards:
+            self._queue.put(_issued_rows(service_id, hook_instance, cards))
+
+    def flush_issued_cards(self) -> None:
+        """Write the cards queued by ``record_cards_later`` now (errors propagate)."""
+        self._queue.flush()
+
+    def _insert_issued(self, rows: list[dict[str, Any]]) -> None:
         with self._write_session() as session:
             session.execute(self._insert(IssuedCardRow).on_conflict_do_nothing(index_elements=["uuid"]), rows)
             session.commit()
+
+    def _await_other_writers(self, service_id: str, card_uuids: set[str]) -> None:
+        """When this process writes issued cards behind, so do its sibling workers: a card issued by one of
+        them a moment ago may still be in its queue. Wait once for that delay before any card is unknown."""
+        statement = select(IssuedCardRow.uuid).where(
+            IssuedCardRow.uuid.in_(card_uuids), IssuedCardRow.service_id == service_id
+        )
+        with Session(self._engine) as session:
+            known = set(session.scalars(statement))
+        if known != card_uuids:
+            time.sleep(WRITE_BEHIND_GRACE_SECONDS)
 
     def store_feedback(self, service_id: str, items: Sequence[Mapping[str, Any]]) -> FeedbackResult:
         """Store CDS Hooks 2.0.1 feedback items (already schema-validated) for ``service_id``.
@@ -268,6 +298,9 @@ class FeedbackStore:
             rows.setdefault(row["dedupe_key"], row)
         if not rows:
             return FeedbackResult(stored=0, unknown_cards=0)
+        if self._queue.used:
+            self._queue.flush()
+            self._await_other_writers(service_id, {row["card_uuid"] for row in rows.values()})
 
         with self._write_session() as session:
             card_uuids = {row["card_uuid"] for row in rows.values()}
@@ -318,8 +351,12 @@ class FeedbackStore:
         return True
 
     def dispose(self) -> None:
-        """Close pooled connections (at shutdown, or in a worker after fork)."""
-        self._engine.dispose()
+        """Write the queued issued cards, stop the background writer, close pooled connections (at
+        shutdown, or in a worker after fork)."""
+        try:
+            self._queue.close()
+        finally:
+            self._engine.dispose()
 
     @contextmanager
     def _write_session(self) -> Iterator[Session]:
@@ -333,6 +370,99 @@ class FeedbackStore:
         if self._dialect == "postgresql":
             return postgresql.insert(table)
         return sqlite.insert(table)
+
+
+def _issued_rows(service_id: str, hook_instance: str, cards: Sequence[IssuedCard]) -> list[dict[str, Any]]:
+    now = datetime.now(UTC)
+    return [
+        {
+            "uuid": card.uuid,
+            "service_id": service_id,
+            "rule_id": card.rule_id,
+            "indicator": card.indicator,
+            "suggestion_uuids": _dump(card.suggestion_uuids),
+            "hook_instance": hook_instance,
+            "issued_at": now,
+        }
+        for card in cards
+    ]
+
+
+class _CardQueue:
+    """The write-behind queue of one store: rows in, one transaction per ``WRITE_BEHIND_SECONDS`` out.
+
+    The writer is a daemon thread started on first use in the current process (so a store built before a
+    fork still gets a writer in the child), stopped by ``close``; whatever is queued at interpreter exit is
+    written then (gunicorn workers leave through ``sys.exit``, so max_requests recycling and SIGTERM
+    lose nothing; a SIGKILLed worker loses at most the last ``WRITE_BEHIND_SECONDS``).
+    """
+
+    def __init__(self, store: FeedbackStore) -> None:
+        self._store = store
+        self._rows: list[dict[str, Any]] = []
+        self._lock = threading.Lock()  # guards _rows, _thread, _pid
+        self._writing = threading.Lock()  # one write at a time: flush() waits for a write in progress
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self.used = False
+        atexit.register(_close_queue, weakref.ref(self))
+
+    def put(self, rows: list[dict[str, Any]]) -> None:
+        self.used = True
+        with self._lock:
+            self._rows += rows
+            backlog = len(self._rows)
+            self._ensure_writer()
+        if backlog >= WRITE_BEHIND_MAX_ROWS:
+            self.flush()  # the writer is not keeping up: this call pays (and raises on an outage)
+        else:
+            self._wake.set()
+
+    def flush(self) -> None:
+        with self._writing:
+            with self._lock:
+                rows, self._rows = self._rows, []
+            if rows:
+                self._store._insert_issued(rows)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread() and self._pid == os.getpid():
+            thread.join(timeout=_SQLITE_BUSY_TIMEOUT_SECONDS + 1)
+        self.flush()
+
+    def _ensure_writer(self) -> None:
+        if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._pid = os.getpid()
+        self._thread = threading.Thread(target=self._run, name="cmv-cds-card-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait()
+            if self._stop.wait(WRITE_BEHIND_SECONDS):  # gather the calls of the next interval
+                return
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception:
+                log.exception("issued cards not recorded")
+
+
+def _close_queue(ref: weakref.ReferenceType[_CardQueue]) -> None:
+    queue = ref()
+    if queue is not None:
+        try:
+            queue.close()
+        except Exception:
+            log.exception("issued cards not recorded at exit")
 
 
 def _normalise_url(database_url: str) -> URL:

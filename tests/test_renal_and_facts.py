@@ -249,3 +249,15 @@ def test_implausible_age_is_unknown() -> None:
     facts = build_facts([patient(126, "male", TODAY)], [], "pat-t", TODAY)
     assert facts.age_years is None
     assert build_facts([patient(125, "male", TODAY)], [], "pat-t", TODAY).age_years == 125
+
+
+def test_latest_value_by_time_of_day_not_only_date() -> None:
+    """policy.md §2: most recent by effectiveDateTime; two results on one day → the later one, whatever
+    order the server lists them in."""
+    yesterday = TODAY - dt.timedelta(days=1)
+    evening = observation("2160-0", 2.0, "mg/dL", TODAY, effectiveDateTime=f"{yesterday}T18:00:00Z")
+    morning = observation("2160-0", 1.0, "mg/dL", TODAY, effectiveDateTime=f"{yesterday}T06:00:00Z")
+    for order in ([evening, morning], [morning, evening]):
+        facts = _facts(order)
+        assert isinstance(facts.creatinine, Measurement)
+        assert facts.creatinine.value == 2.0

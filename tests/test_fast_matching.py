@@ -1,0 +1,94 @@
+"""The fast concept matching (cards.codes lookups + the per-call memo in cards.facts) gives exactly the
+answers of the plain CodeSet methods it replaces on the hot path (bench/README.md, "Optimisations")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cards.codes import CodeSet, all_code_sets, code_set, load_code_sets
+from cards.facts import _NEGATED, _texts, coded_in, concept_in, concept_memo
+
+REGISTRY = all_code_sets()
+# Unregistered copies of the same sets take the original (slow) path: the reference answers.
+REFERENCE = load_code_sets()
+SYSTEMS = [
+    *sorted({c.system for s in REGISTRY.values() for c in s.concepts}),
+    "urn:oid:2.16.840.1.113883.6.88",
+    "urn:oid:2.16.840.1.113883.6.1",
+    " http://loinc.org ",
+    "http://example.org",
+]
+CODES = sorted({c.code for s in REGISTRY.values() for c in s.concepts})
+WORDS = [
+    *sorted({w for s in REGISTRY.values() for p in s.text_patterns for w in p.split()}),
+    "not",
+    "negative",
+    "donor",
+    "IgG",
+    "valganciclovir",
+    "GANCICLOVIR",
+    "500",
+    "mg",
+    "-",
+]
+
+code_text = st.one_of(
+    st.sampled_from(CODES),
+    st.sampled_from(CODES).map(lambda c: f" {c.lower()} "),
+    st.sampled_from(CODES).map(lambda c: c.replace(".", "")),
+)
+text = st.lists(st.sampled_from(WORDS), min_size=1, max_size=5).map(" ".join)
+coding = st.one_of(
+    st.fixed_dictionaries(
+        {"system": st.sampled_from(SYSTEMS), "code": code_text},
+        optional={"display": st.one_of(text, st.integers())},
+    ),
+    st.just({"system": None, "code": "2160-0"}),
+    st.just("not a coding"),
+)
+concept = st.one_of(
+    st.fixed_dictionaries({}, optional={"coding": st.one_of(st.lists(coding, max_size=3), coding), "text": text}),
+    st.none(),
+    st.just("text instead of a concept"),
+    st.just({"coding": {"system": "http://loinc.org", "code": "2160-0"}}),
+)
+
+
+def reference_concept_in(value: Any, value_set: CodeSet) -> bool:
+    """cards.facts.concept_in as it was before the fast path."""
+    if value_set.matches_coding_only(value):
+        return True
+    return value_set.matches_concept(value) and not any(_NEGATED.search(t) for t in _texts(value))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(concept)
+def test_fast_matching_agrees_with_the_code_set_methods(value: Any) -> None:
+    for name, registered in REGISTRY.items():
+        reference = REFERENCE[name]
+        assert registered.registered
+        assert not reference.registered
+        expected = reference_concept_in(value, reference)
+        assert concept_in(value, registered) is expected, name
+        assert concept_in(value, reference) is expected, name
+        assert coded_in(value, registered) is reference.matches_coding_only(value), name
+        with concept_memo():
+            assert concept_in(value, registered) is expected, name
+            assert concept_in(value, registered) is expected, name  # from the memo
+            assert coded_in(value, registered) is reference.matches_coding_only(value), name
+
+
+def test_memo_never_answers_for_another_object_with_a_recycled_id() -> None:
+    with concept_memo():
+        for _ in range(200):  # temporary dicts: CPython reuses their ids
+            assert concept_in({"text": "ganciclovir"}, code_set("Ganciclovir"))
+            assert not concept_in({"text": "foscarnet"}, code_set("Ganciclovir"))
+
+
+def test_long_texts_are_matched_without_the_cache() -> None:
+    long_text = "x " * 500 + "ganciclovir"
+    assert concept_in({"text": long_text}, code_set("Ganciclovir"))
+    assert not concept_in({"text": long_text + " negative"}, code_set("Ganciclovir"))
