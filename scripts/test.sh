@@ -17,6 +17,22 @@ if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb 
   fi
 fi
 
+# Test-only FHIR server (Medplum, tests/fhir_server) and the FHIR R4 JSON Schema it ships, for the fhirserver
+# tests and tests/test_fhir_profiles.py; installed again only when package-lock.json is newer than node_modules.
+if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+  modules=tests/fhir_server/node_modules
+  if [ ! -d "$modules" ] || [ tests/fhir_server/package-lock.json -nt "$modules" ]; then
+    if npm ci --prefix tests/fhir_server --no-audit --no-fund --silent; then
+      touch "$modules"
+    else
+      rm -rf "$modules"
+      echo "note: npm ci in tests/fhir_server failed; the real-FHIR-server tests will be skipped" >&2
+    fi
+  fi
+else
+  echo "note: node/npm not found; the real-FHIR-server tests will be skipped" >&2
+fi
+
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
