@@ -901,3 +901,12 @@ def test_fhir_json_content_type_is_accepted(client: FlaskClient) -> None:
         SELECT_URL, data=json.dumps(gcv_request()), headers={"Content-Type": "application/fhir+json; charset=utf-8"}
     )
     assert response.status_code == 200
+
+
+@pytest.mark.parametrize("depth", [1100, 20000])
+def test_absurdly_nested_json_is_400(client: FlaskClient, depth: int) -> None:
+    """JSON nested past 1024 levels (orjson's limit) is refused as invalid JSON, never a RecursionError."""
+    body = b'{"hook":"order-select","hookInstance":"x","context":' + b'{"a":' * depth + b"1" + b"}" * depth + b"}"
+    response = client.post(SELECT_URL, data=body, content_type="application/json")
+    assert response.status_code == 400
+    assert response.get_json()["resourceType"] == "OperationOutcome"
