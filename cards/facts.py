@@ -434,6 +434,7 @@ def _viral_loads(observations: Sequence[Mapping[str, Any]]) -> tuple[ViralLoad, 
                 undetectable = True  # below the assay's reportable range
             elif kind == "CmvViralLoadLog10IU":
                 log_value = units.quantity_in({**quantity, "code": "iu/ml"}, units.VIRAL_LOAD_TO_IU_ML)
+                # 10^12 IU/mL is beyond any assay's range: a larger log value is a data error (product limit).
                 iu = 10**log_value if log_value is not None and log_value < 12 else None
             elif kind == "CmvViralLoadIU":
                 iu = units.quantity_in(quantity, units.VIRAL_LOAD_TO_IU_ML)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from cards.facts import Sex
+from cards.units import CM_PER_INCH
 
 CG_AGE_CONSTANT = 140.0  # clinical.md §5: (140 − age)
 CG_SCR_FACTOR = 72.0  # clinical.md §5: 72 × SCr
@@ -24,7 +25,6 @@ DEVINE_BASE_KG = {"male": 50.0, "female": 45.5}  # clinical.md §5: male 50, fem
 DEVINE_KG_PER_INCH = 2.3  # clinical.md §5: + 2.3 × (height in inches − 60)
 DEVINE_BASE_INCHES = 60.0
 ADJUSTED_WEIGHT_FACTOR = 0.4  # clinical.md §5: IBW + 0.4 × (TBW − IBW)
-CM_PER_INCH = 2.54
 
 
 @dataclass(frozen=True)
