@@ -17,6 +17,17 @@ if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb 
   fi
 fi
 
+# Debian's Chromium for the browser test of the preview page (tests/test_preview.py, driven by playwright-core
+# from tests/preview; no browser is ever downloaded by npm).
+if [ ! -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
+      echo "note: installing chromium failed; the preview browser test will be skipped" >&2
+  else
+    echo "note: /usr/bin/chromium not found; the preview browser test will be skipped" >&2
+  fi
+fi
+
 # Test-only FHIR server (Medplum, tests/fhir_server) and the FHIR R4 JSON Schema it ships, for the fhirserver
 # tests and tests/test_fhir_profiles.py; installed again only when package-lock.json is newer than node_modules.
 if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
@@ -31,6 +42,20 @@ if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
   fi
 else
   echo "note: node/npm not found; the real-FHIR-server tests will be skipped" >&2
+fi
+
+# playwright-core (pinned in tests/preview/package-lock.json) for the preview browser test; again only when the
+# lock file is newer than node_modules.
+if command -v npm >/dev/null 2>&1; then
+  modules=tests/preview/node_modules
+  if [ ! -d "$modules" ] || [ tests/preview/package-lock.json -nt "$modules" ]; then
+    if npm ci --prefix tests/preview --no-audit --no-fund --silent; then
+      touch "$modules"
+    else
+      rm -rf "$modules"
+      echo "note: npm ci in tests/preview failed; the preview browser test will fail" >&2
+    fi
+  fi
 fi
 
 .venv/bin/ruff check .

@@ -10,7 +10,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask, Response, g, request
+from werkzeug.routing import BaseConverter
 
+from service import metrics
 from service.auth import Authenticator, build_authenticator, load_trusted_issuers
 from service.config import Settings
 from service.errors import NotFound, UnsupportedMediaType, json_response, operation_outcome, register_error_handlers
@@ -18,7 +20,9 @@ from service.fhir_client import FhirAccessPolicy
 from service.hooks import parse_json_object, run_hook, validate_request
 from service.logs import configure_logging
 from service.openapi import openapi_document
+from service.preview import is_preview_path, preview_blueprint
 from service.registry import SERVICES, ServiceDefinition, discovery_document
+from service.report import check_service_id, parse_since, report_json
 from service.store import FeedbackStore, IssuedCard
 from service.validation import validate
 
@@ -37,6 +41,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     app = Flask("cmv_cds")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.url_map.converters["service"] = _ServiceIdConverter
     store = FeedbackStore(settings.database_url)
     store.create_schema()
     authenticator: Authenticator = build_authenticator(settings, store.engine)
@@ -47,6 +52,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     }
     app.extensions["cmv_cds"] = {"settings": settings, "store": store, "authenticator": authenticator}
     register_error_handlers(app)
+    if settings.preview_active:  # CMV_CDS_PREVIEW_ENABLED; otherwise /preview is a 404
+        app.register_blueprint(preview_blueprint(settings))
 
     if not settings.require_auth:
         log.warning(
@@ -55,13 +62,18 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             extra={"setting": "CMV_CDS_REQUIRE_AUTH"},
         )
 
+    # GET /metrics needs a JWT like every other endpoint unless CMV_CDS_METRICS_PUBLIC=true (service.metrics).
+    open_paths = _UNAUTHENTICATED_PATHS | ({"/metrics"} if settings.metrics_public else set())
+
     @app.before_request
     def _start() -> None:
         g.started = time.perf_counter()
         supplied = request.headers.get("X-Request-ID", "")
         g.request_id = supplied if _REQUEST_ID.match(supplied) else str(uuid.uuid4())
+        if is_preview_path(request.path):
+            return  # the preview page needs no token; the hook call it makes does (service.preview)
         # CORS preflights carry no Authorization header by design (Fetch standard); they reveal nothing.
-        if settings.require_auth and request.path not in _UNAUTHENTICATED_PATHS and request.method != "OPTIONS":
+        if settings.require_auth and request.path not in open_paths and request.method != "OPTIONS":
             g.issuer = authenticator.authenticate(request.headers.get("Authorization"), _endpoint_url(settings))
 
     cors_origins = {o.strip() for o in settings.cors_origins.split(",") if o.strip()}
@@ -84,6 +96,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
                 "rules": g.get("rules"),
                 "latency_ms": round((time.perf_counter() - g.get("started", time.perf_counter())) * 1000, 2),
             },
+        )
+        metrics.observe_request(
+            request.method,
+            request.url_rule.rule if request.url_rule else "unmatched",
+            g.get("service_id"),
+            response.status_code,
+            time.perf_counter() - g.get("started", time.perf_counter()),
         )
         return response
 
@@ -109,7 +128,22 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     def discovery() -> Response:
         return json_response(discovery_document())
 
-    @app.post("/cds-services/<service_id>")
+    @app.get("/metrics")
+    def prometheus_metrics() -> Response:
+        """Prometheus metrics (service.metrics): no patient data in any label."""
+        body, content_type = metrics.exposition()
+        return Response(body, content_type=content_type)
+
+    @app.get("/cds-services/report")
+    def governance_report() -> Response:
+        """CDS governance report (service.report): per rule, cards shown, accepted, overridden and why."""
+        service_id = request.args.get("service")
+        service_id = check_service_id(service_id) if service_id is not None else None
+        since = request.args.get("since")
+        since_at = parse_since(since) if since is not None else None
+        return json_response(report_json(store.report(service_id, since_at), service_id, since_at))
+
+    @app.post("/cds-services/<service:service_id>")
     def call_service(service_id: str) -> Response:
         service = _service(service_id)
         body = parse_json_object(_json_body())
@@ -132,6 +166,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         )
         g.card_count = len(cards)
         g.rules = [card.rule_id for card in cards]
+        metrics.count_cards(service.id, [(card.rule_id, card.indicator) for card in cards])
         return json_response({"cards": rendered})
 
     @app.post("/cds-services/<service_id>/feedback")
@@ -151,6 +186,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         return json_response({"stored": result.stored, "unknownCards": result.unknown_cards})
 
     return app
+
+
+class _ServiceIdConverter(BaseConverter):
+    """A path segment naming a CDS service: anything but ``report``, which is ``GET /cds-services/report``.
+    So a POST to /cds-services/report is a 405 (Allow: GET) rather than a call of a service named "report"."""
+
+    regex = r"(?!report$)[^/]+"
+    part_isolating = True
 
 
 def _service(service_id: str) -> ServiceDefinition:

@@ -34,6 +34,8 @@ def _show(value: object) -> str:
     """A default as it would be written in the environment."""
     if isinstance(value, bool):
         return str(value).lower()
+    if value is None:
+        return "(unset: automatic)"
     return str(value) if value != "" else "(empty)"
 
 
@@ -98,7 +100,69 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         help=f"number of sync worker processes (env {_env_name('workers')}, default {_default('workers')})",
     )
+    _add_report_parser(commands)
+    _add_demo_parser(commands)
     return parser
+
+
+def _since(text: str) -> Any:
+    from service.errors import InvalidRequest
+    from service.report import parse_since
+
+    try:
+        return parse_since(text)
+    except InvalidRequest as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _service_id(text: str) -> str:
+    from service.errors import InvalidRequest
+    from service.report import check_service_id
+
+    try:
+        return check_service_id(text)
+    except InvalidRequest as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _add_report_parser(commands: Any) -> None:
+    report = commands.add_parser(
+        "report",
+        help="CDS governance report from the feedback store",
+        description=(
+            "Per rule id: cards shown (issued), accepted and overridden (cards with such feedback), acceptance "
+            "rate (accepted / shown), override reasons with counts, and feedback on cards never issued. Reads "
+            f"the feedback database of {_env_name('database_url')} (or --database-url). "
+            "The same report is served as JSON at GET /cds-services/report."
+        ),
+    )
+    report.add_argument("--service", metavar="ID", type=_service_id, help="only this CDS service id")
+    report.add_argument(
+        "--since",
+        metavar="DATE",
+        type=_since,
+        help="only cards issued and feedback received from then on: YYYY-MM-DD (UTC) or an ISO 8601 date-time",
+    )
+    report.add_argument("--format", choices=("text", "json"), default="text", help="output format (default text)")
+    report.add_argument(
+        "--database-url",
+        metavar="URL",
+        help=f"SQLAlchemy URL of the feedback store (default: {_env_name('database_url')})",
+    )
+
+
+def _add_demo_parser(commands: Any) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="send an example request to a running service and print the cards",
+        description=(
+            "Send a CDS Hooks request (a JSON file, or the name of one in examples/) to a running service and "
+            "print the cards it answers: indicator, summary, detail, suggestions with their actions, source."
+        ),
+    )
+    demo.add_argument("example", metavar="EXAMPLE", help="a request file, or a file name in examples/")
+    demo.add_argument("--url", default="http://127.0.0.1:8080", help="the service's base URL (default %(default)s)")
+    demo.add_argument("--token", metavar="JWT", help="a CDS Hooks client JWT for the service, when auth is on")
 
 
 # Names gunicorn accepts as settings: what it would read from a ``-c python:module`` config.
@@ -158,6 +222,55 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    """``cmv-cds report``: 0 with the report on stdout; 1 (database error) or 2 (configuration) with one line."""
+    import json
+    from pathlib import Path
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    from service.report import report_json, report_text
+    from service.store import FeedbackStore
+
+    try:
+        url = make_url(args.database_url or Settings.load().database_url)
+    except (ConfigError, ArgumentError) as exc:
+        print(f"{PROG} report: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    shown_url = url.render_as_string(hide_password=True)
+    database = url.database or ""
+    # Connecting to a missing SQLite file would create an empty database: a mistyped path would look empty.
+    if url.get_backend_name() == "sqlite" and database not in ("", ":memory:") and not Path(database).is_file():
+        print(f"{PROG} report: no feedback database at {shown_url}", file=sys.stderr)
+        return 1
+    try:
+        store = FeedbackStore(url.render_as_string(hide_password=False))
+    except ConfigError as exc:
+        print(f"{PROG} report: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    try:
+        rules = store.report(args.service, args.since)
+    except SQLAlchemyError as exc:
+        reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"{PROG} report: database error at {shown_url}: {reason[:300]}", file=sys.stderr)
+        return 1
+    finally:
+        store.dispose()
+    document = report_json(rules, args.service, args.since)
+    if args.format == "json":
+        print(json.dumps(document, indent=2, ensure_ascii=False))
+    else:
+        sys.stdout.write(report_text(document))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from service import demo
+
+    return demo.run(args.example, args.url, args.token, sys.stdout, sys.stderr, prog=PROG)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cmv-cds`` console script. Returns the exit status."""
     parser = build_parser()
@@ -167,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     if args.command == "serve":
         return _serve(args)
+    if args.command == "report":
+        return _report(args)
+    if args.command == "demo":
+        return _demo(args)
     parser.print_help(sys.stderr)
     return 2
 

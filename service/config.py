@@ -66,6 +66,19 @@ class Settings:
     jwt_max_lifetime_seconds: int = 3600
     # How long a JWK Set fetched from a jku is reused before it is fetched again.
     jwks_cache_seconds: int = 300
+    # GET /metrics (Prometheus) without a JWT. Off by default: the metrics carry no patient data (labels are
+    # service ids, route templates, statuses, rule ids, indicators and prefetch keys only), but traffic,
+    # error rates and clinical rule frequencies are operational data to keep from anonymous callers.
+    metrics_public: bool = False
+    # Card preview for integrators (GET /preview, service/preview.py): a page that runs a pasted or example
+    # request against this service and shows the cards as an EHR would. None (unset): on only when
+    # require_auth is false; true/false override. With auth on, the page asks for a token for its hook call.
+    preview_enabled: bool | None = None
+
+    @property
+    def preview_active(self) -> bool:
+        """Whether the /preview routes exist: the explicit setting, else only when auth is off."""
+        return not self.require_auth if self.preview_enabled is None else self.preview_enabled
 
     @property
     def fhir_server_prefixes(self) -> tuple[str, ...]:
@@ -132,7 +145,9 @@ _FALSE = {"0", "false", "no", "off"}
 def _coerce(name: str, declared: Any, raw: Any) -> Any:
     type_name = declared if isinstance(declared, str) else getattr(declared, "__name__", str(declared))
     try:
-        if type_name == "bool":
+        if type_name == "bool | None" and (raw is None or str(raw).strip() == ""):
+            return None  # an optional switch left unset: its documented automatic default
+        if type_name in ("bool", "bool | None"):
             if isinstance(raw, bool):
                 return raw
             text = str(raw).strip().lower()

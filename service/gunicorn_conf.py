@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import sys
+import tempfile
 import time
 from typing import Any, Final
 
@@ -95,7 +98,8 @@ _log = logging.getLogger("cmv_cds.gunicorn")
 
 
 def post_worker_init(worker: Any) -> None:
-    """Warm the FHIR models in each new worker, so the first real request does not pay to build them.
+    """Warm the FHIR models (and the code sets and JSON Schemas) in each new worker, so the first real
+    request does not pay to build them.
 
     fhir.resources builds its pydantic models lazily: the import and the first validation cost a few
     hundred milliseconds (ecosystem.md §1). A failure here is logged and the worker serves anyway.
@@ -104,8 +108,62 @@ def post_worker_init(worker: Any) -> None:
     try:
         from fhir.resources.R4B.medicationrequest import MedicationRequest
 
+        from cards.codes import all_code_sets, coded_set_names
+        from service.validation import SCHEMA_DIR, validator
+
         MedicationRequest.model_validate(_WARM_UP_ORDER)
+        # Also built lazily, and paid by the first hook call otherwise (~25 ms together, bench/README.md): the
+        # code sets (41 ValueSet files, their regexes and code index) and the compiled JSON Schemas.
+        all_code_sets()
+        coded_set_names(_WARM_UP_ORDER["medicationCodeableConcept"])
+        for schema in sorted(SCHEMA_DIR.glob("*.schema.json")):
+            validator(schema.name)
     except Exception:
         _log.exception("fhir model warm-up failed")
         return
     _log.info("fhir models warmed", extra={"latency_ms": round((time.perf_counter() - started) * 1000, 2)})
+
+
+# --- Prometheus metrics across workers (service/metrics.py) ----------------------------------------------
+# prometheus_client's multiprocess mode: every worker writes its metric values to files in this directory
+# and GET /metrics adds them up, whichever worker answers. The variable must be set before a worker first
+# imports prometheus_client, hence in the master, before the first fork.
+_MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+_METRIC_FILE_PREFIXES: Final = ("counter_", "gauge_", "histogram_", "summary_")
+_created_metric_dirs: list[str] = []
+
+
+def on_starting(server: Any) -> None:
+    """In the master, before any worker exists: a directory for the workers' metric files.
+
+    ``PROMETHEUS_MULTIPROC_DIR`` unset: a fresh temporary directory, deleted again at exit (``on_exit``).
+    Set: that directory (created if missing), emptied of the metric files a previous run left there, as
+    prometheus_client requires (stale files would add old counts to the new run's).
+    """
+    path = os.environ.get(_MULTIPROC_ENV)
+    if path:
+        os.makedirs(path, exist_ok=True)
+        for name in os.listdir(path):
+            if name.endswith(".db") and name.startswith(_METRIC_FILE_PREFIXES):
+                os.remove(os.path.join(path, name))
+    else:
+        path = tempfile.mkdtemp(prefix="cmv-cds-metrics-")
+        os.environ[_MULTIPROC_ENV] = path
+        _created_metric_dirs.append(path)
+    if "prometheus_client" in sys.modules:  # imported before the variable was set: each worker counts alone
+        server.log.warning("prometheus_client was imported before %s was set: /metrics is per worker", _MULTIPROC_ENV)
+    server.log.info("Prometheus multiprocess directory: %s", path)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """In the master, when a worker has exited: prometheus_client's bookkeeping for a dead process."""
+    if os.environ.get(_MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
+def on_exit(server: Any) -> None:
+    """In the master, at shutdown: delete the metrics directory ``on_starting`` created (not a configured one)."""
+    while _created_metric_dirs:
+        shutil.rmtree(_created_metric_dirs.pop(), ignore_errors=True)

@@ -20,6 +20,7 @@ from typing import Any
 
 import requests
 
+from service import metrics
 from service.config import Settings
 from service.errors import InvalidRequest, PreconditionFailed
 from service.fhir_client import FhirAccessPolicy, FhirFetchError, FhirServer, bundle_resources, next_link
@@ -126,7 +127,7 @@ def resolve(
 
     def fetch(item: tuple[PrefetchTemplate, str | None]) -> tuple[str, list[dict[str, Any]]]:
         template, next_url = item
-        with requests.Session() as session:
+        with requests.Session() as session, metrics.fhir_fetch_timer(template.key):
             try:
                 if next_url is not None:
                     # Further pages of a paginated prefetch Bundle (links are checked to stay on fhirServer).
@@ -137,6 +138,7 @@ def resolve(
                     return template.key, [] if resource is None else [resource]
                 return template.key, server.search(query, session)
             except FhirFetchError as exc:
+                metrics.count_fhir_fetch_error(template.key, exc)
                 log.warning("prefetch fetch failed", extra={"prefetch_key": template.key, "reason": str(exc)})
                 raise PreconditionFailed(
                     f"could not obtain prefetch '{template.key}' from fhirServer: {exc}",

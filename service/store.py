@@ -61,7 +61,9 @@ from sqlalchemy import (
     String,
     Text,
     create_engine,
+    distinct,
     event,
+    func,
     select,
     text,
 )
@@ -137,6 +139,41 @@ class StoredFeedback:
     known_card: bool
     rule_id: str | None
     unknown_suggestions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class OverrideReasonCount:
+    """One override reason (a CDS Hooks ``overrideReason.reason`` coding) and how many cards it was given for.
+    All three coding fields are None for overrides sent without a reason."""
+
+    system: str | None
+    code: str | None
+    display: str | None
+    count: int
+
+
+@dataclass(frozen=True)
+class RuleReport:
+    """Governance figures for one rule id, as returned by ``FeedbackStore.report``.
+
+    ``rule_id`` None stands for feedback on cards this service never issued (unknown cards): such feedback
+    cannot be attributed to a rule. ``shown`` counts issued cards (``issued_card`` rows); ``accepted`` and
+    ``overridden`` count distinct cards with at least one feedback item of that outcome; the override
+    reasons count distinct overridden cards per reason coding (system + code); ``unknown_card_feedback``
+    counts feedback items about unknown cards (non-zero only when ``rule_id`` is None).
+    """
+
+    rule_id: str | None
+    shown: int
+    accepted: int
+    overridden: int
+    override_reasons: tuple[OverrideReasonCount, ...]
+    unknown_card_feedback: int
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted cards / cards shown; None when no card of the rule was shown."""
+        return self.accepted / self.shown if self.shown else None
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -256,10 +293,6 @@ class FeedbackStore:
         if cards:
             self._queue.put(_issued_rows(service_id, hook_instance, cards))
 
-    def flush_issued_cards(self) -> None:
-        """Write the cards queued by ``record_cards_later`` now (errors propagate)."""
-        self._queue.flush()
-
     def _insert_issued(self, rows: list[dict[str, Any]]) -> None:
         with self._write_session() as session:
             session.execute(self._insert(IssuedCardRow).on_conflict_do_nothing(index_elements=["uuid"]), rows)
@@ -339,6 +372,76 @@ class FeedbackStore:
             statement = statement.where(FeedbackRow.service_id == service_id)
         with Session(self._engine) as session:
             return [_stored(row) for row in session.scalars(statement)]
+
+    def report(self, service_id: str | None = None, since: datetime | None = None) -> list[RuleReport]:
+        """Governance summary of issued cards and feedback, one ``RuleReport`` per rule id (see there).
+
+        ``service_id`` limits both tables to one service; ``since`` (an aware datetime) keeps the cards
+        issued and the feedback received at or after it (each table by its own time column, so in a window
+        a rule can have feedback on cards issued before the window). Rules in order of cards shown (most
+        first), then rule id; the unknown-card entry (``rule_id`` None), if any, last. Cards queued for
+        write-behind in this process are written first. Database errors propagate.
+        """
+        if since is not None and since.tzinfo is None:
+            raise ValueError("report(since=...) needs an aware datetime")
+        if self._queue.used:
+            self._queue.flush()
+        issued = select(IssuedCardRow.rule_id, func.count()).group_by(IssuedCardRow.rule_id)
+        outcomes = select(
+            FeedbackRow.rule_id, FeedbackRow.outcome, func.count(distinct(FeedbackRow.card_uuid)), func.count()
+        ).group_by(FeedbackRow.rule_id, FeedbackRow.outcome)
+        reasons = (
+            select(
+                FeedbackRow.rule_id,
+                FeedbackRow.override_system,
+                FeedbackRow.override_code,
+                func.max(FeedbackRow.override_display),
+                func.count(distinct(FeedbackRow.card_uuid)),
+            )
+            .where(FeedbackRow.outcome == "overridden")
+            .group_by(FeedbackRow.rule_id, FeedbackRow.override_system, FeedbackRow.override_code)
+        )
+        if service_id is not None:
+            issued = issued.where(IssuedCardRow.service_id == service_id)
+            outcomes = outcomes.where(FeedbackRow.service_id == service_id)
+            reasons = reasons.where(FeedbackRow.service_id == service_id)
+        if since is not None:
+            issued = issued.where(IssuedCardRow.issued_at >= since)
+            outcomes = outcomes.where(FeedbackRow.received_at >= since)
+            reasons = reasons.where(FeedbackRow.received_at >= since)
+
+        figures: dict[str | None, dict[str, Any]] = {}
+
+        def entry(rule_id: str | None) -> dict[str, Any]:
+            return figures.setdefault(
+                rule_id, {"shown": 0, "accepted": 0, "overridden": 0, "reasons": [], "unknown": 0}
+            )
+
+        with Session(self._engine) as session:
+            for issued_rule, count in session.execute(issued):
+                entry(issued_rule)["shown"] = count
+            for feedback_rule, outcome, cards, items in session.execute(outcomes):
+                if outcome in ("accepted", "overridden"):
+                    entry(feedback_rule)[outcome] = cards
+                if feedback_rule is None:
+                    entry(None)["unknown"] += items
+            for reason_rule, system, code, display, cards in session.execute(reasons):
+                entry(reason_rule)["reasons"].append(OverrideReasonCount(system, code, display, cards))
+
+        reports = [
+            RuleReport(
+                rule_id=rule_id,
+                shown=values["shown"],
+                accepted=values["accepted"],
+                overridden=values["overridden"],
+                override_reasons=tuple(
+                    sorted(values["reasons"], key=lambda r: (-r.count, r.code is None, r.code or "", r.system or ""))
+                ),
+                unknown_card_feedback=values["unknown"],
+            )
+            for rule_id, values in figures.items()
+        ]
+        return sorted(reports, key=lambda r: (r.rule_id is None, -r.shown, r.rule_id or ""))
 
     def ping(self) -> bool:
         """True if the database answers a trivial query; False (logged) if it does not."""

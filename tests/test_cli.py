@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -322,8 +323,34 @@ def test_real_server_lists_the_services(launcher: str, start_server: Any, server
     services = discovery["services"]
     assert len(services) == 2
     assert {service["hook"] for service in services} == {"order-select", "order-sign"}
+    # GET /metrics: prometheus_client's multiprocess mode, in a directory the master made (gunicorn_conf).
+    metrics_dir = check_metrics(port, log_path)
     # SIGTERM to the process group: gunicorn shuts down gracefully and exits 0.
     assert stop_group(process) == 0
+    assert not metrics_dir.exists(), "the master deletes the metrics directory it created"
     log = log_path.read_text()
     assert "fhir models warmed" in log  # post_worker_init ran in the worker
     assert "Using worker: sync" in log
+
+
+def check_metrics(port: int, log_path: Path) -> Path:
+    """/metrics counts the discovery calls, read from the workers' files in the master's temporary directory."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    found = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    discovery = (("method", "GET"), ("route", "/cds-services"), ("service_id", ""), ("status", "200"))
+    assert found.get(("cmv_cds_http_requests_total", discovery), 0) >= 1, text[-2000:]
+    assert not any(name.startswith("process_") for name, _ in found), "per-process collectors: not multiprocess mode"
+    match = re.search(r"Prometheus multiprocess directory: (\S+)", log_path.read_text())
+    assert match, "gunicorn_conf.on_starting did not run"
+    directory = Path(match.group(1))
+    assert sorted(directory.glob("counter_*.db")), "no worker wrote metric files there"
+    return directory

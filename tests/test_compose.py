@@ -40,7 +40,7 @@ def interpolate_default(value: str) -> str:
 
 def test_compose_spec_format(compose: dict[str, Any]) -> None:
     assert "version" not in compose
-    assert set(compose["services"]) == {"cds", "postgres"}
+    assert set(compose["services"]) == {"cds", "postgres", "fhir"}
 
 
 def test_cds_builds_from_the_repository(compose: dict[str, Any]) -> None:
@@ -56,7 +56,7 @@ def test_cds_publishes_8080(compose: dict[str, Any]) -> None:
     assert "8080:8080" in ports
 
 
-@pytest.mark.parametrize("name", ["cds", "postgres"])
+@pytest.mark.parametrize("name", ["cds", "postgres", "fhir"])
 def test_healthchecks(compose: dict[str, Any], name: str) -> None:
     check = compose["services"][name]["healthcheck"]
     test = check["test"]
@@ -117,6 +117,50 @@ def test_every_cmv_cds_variable_is_a_setting(compose: dict[str, Any]) -> None:
     # ...and the values are accepted by Settings (defaults substituted for ${VAR:-default}).
     values = {name: interpolate_default(environment(compose["services"]["cds"])[name]) for name in used}
     Settings.load(environ=values)
+
+
+# --- the optional FHIR server (profile "fhir") -----------------------------------------------------
+
+
+def test_fhir_server_is_only_in_the_fhir_profile(compose: dict[str, Any]) -> None:
+    """`docker compose up` starts cds and postgres; `docker compose --profile fhir up` adds HAPI FHIR."""
+    services = compose["services"]
+    assert services["fhir"]["profiles"] == ["fhir"]
+    assert services["fhir"]["image"] == "hapiproject/hapi:latest"
+    for name in ("cds", "postgres"):
+        assert "profiles" not in services[name], name
+    # A service that is not started by default must not be a dependency of one that is.
+    for name in ("cds", "postgres"):
+        assert "fhir" not in (services[name].get("depends_on") or {}), name
+
+
+def test_fhir_server_publishes_8090(compose: dict[str, Any]) -> None:
+    ports = [str(port) for port in compose["services"]["fhir"]["ports"]]
+    assert ports == ["8090:8080"]
+    cds_ports = {str(port).split(":", 1)[0] for port in compose["services"]["cds"]["ports"]}
+    assert "8090" not in cds_ports
+
+
+def test_fhir_server_healthcheck_runs_in_a_distroless_image(compose: dict[str, Any]) -> None:
+    """hapiproject/hapi has no shell or curl: the check is `java <mounted single-file program> <metadata URL>`."""
+    fhir = compose["services"]["fhir"]
+    test = fhir["healthcheck"]["test"]
+    assert isinstance(test, list)
+    assert test[0] == "CMD", "no shell in the image: CMD-SHELL cannot run"
+    assert test[1] == "java"
+    assert not {"curl", "wget", "sh", "bash"} & set(test)
+    assert test[-1] == "http://localhost:8080/fhir/metadata"
+    program = next(part for part in test if part.endswith(".java"))
+    mounts: dict[str, str] = {}
+    for volume in fhir["volumes"]:
+        host_path, container_path = str(volume).split(":")[:2]
+        mounts[container_path] = host_path
+    assert program in mounts, "the healthcheck program is not mounted into the container"
+    java_file = REPO / mounts[program]
+    assert java_file.is_file()
+    assert f"public class {java_file.stem} " in java_file.read_text()
+    assert re.fullmatch(r"\d+s", str(fhir["healthcheck"]["start_period"]))
+    assert int(str(fhir["healthcheck"]["start_period"]).rstrip("s")) >= 60, "HAPI FHIR starts slowly"
 
 
 # --- Dockerfile ---------------------------------------------------------------------------------

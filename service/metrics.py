@@ -1,0 +1,193 @@
+"""Prometheus metrics (``GET /metrics``), with ``prometheus_client``.
+
+What is measured, and the only label values that can ever appear (so no patient data can reach a label,
+and the number of series stays bounded):
+
+* ``cmv_cds_http_requests_total{method, route, service_id, status}``: every answered request. ``route`` is
+  the Flask route template (``/cds-services/<service:service_id>``; ``unmatched`` for a 404 on no route), never
+  the path itself; ``service_id`` is a hosted service id or empty (an unknown id is not echoed); ``method``
+  is a standard HTTP method or ``other``.
+* ``cmv_cds_http_request_duration_seconds{method, route}``: latency, as the app measures it.
+* ``cmv_cds_cards_total{service_id, rule_id, indicator}``: cards returned (rule ids are the service's own).
+* ``cmv_cds_fhir_fetch_duration_seconds{prefetch_key}``: each fetch of one prefetch key from the client's
+  FHIR server (all pages of a search), successful or not. Prefetch keys are the service's own templates.
+* ``cmv_cds_fhir_fetch_errors_total{prefetch_key, kind}``: failed fetches, ``kind`` from ``FETCH_ERROR_KINDS``.
+
+Processes: gunicorn runs several workers, each with its own memory. When ``PROMETHEUS_MULTIPROC_DIR`` is set
+before ``prometheus_client`` is first imported (``service.gunicorn_conf.on_starting`` sets it in the master,
+before any worker is forked), every worker writes its values to files in that directory and ``/metrics``
+adds them up across workers, whichever worker answers the scrape (prometheus_client's multiprocess mode).
+Otherwise (one process: tests, ``flask run``) the values live in this process's registry, which also
+carries the standard ``process_*`` and ``python_*`` metrics.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import requests
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+    multiprocess,
+    values,
+)
+
+from service.fhir_client import FhirFetchError
+
+# True when metric values are kept in PROMETHEUS_MULTIPROC_DIR files (decided by prometheus_client at import).
+MULTIPROCESS = values.ValueClass is not values.MutexValue
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+if not MULTIPROCESS:
+    ProcessCollector(registry=REGISTRY)
+    PlatformCollector(registry=REGISTRY)
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+# Latency buckets in seconds: a hook answered from prefetch takes milliseconds; FHIR fetching is bounded by
+# CMV_CDS_FHIR_DEADLINE_SECONDS (8 s by default) and gunicorn's worker timeout (30 s).
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+REQUESTS = Counter(
+    "cmv_cds_http_requests",
+    "HTTP requests answered, by method, route template, CDS service id (empty if none) and status code.",
+    ["method", "route", "service_id", "status"],
+    registry=REGISTRY,
+)
+REQUEST_DURATION = Histogram(
+    "cmv_cds_http_request_duration_seconds",
+    "Time to answer an HTTP request, by method and route template.",
+    ["method", "route"],
+    buckets=_BUCKETS,
+    registry=REGISTRY,
+)
+CARDS = Counter(
+    "cmv_cds_cards",
+    "CDS Hooks cards returned, by service id, rule id (the card's topic code) and indicator.",
+    ["service_id", "rule_id", "indicator"],
+    registry=REGISTRY,
+)
+FHIR_FETCH_DURATION = Histogram(
+    "cmv_cds_fhir_fetch_duration_seconds",
+    "Time to fetch one prefetch key from the client's FHIR server (all pages), successful or not.",
+    ["prefetch_key"],
+    buckets=_BUCKETS,
+    registry=REGISTRY,
+)
+FHIR_FETCH_ERRORS = Counter(
+    "cmv_cds_fhir_fetch_errors",
+    "Failed fetches of a prefetch key from the client's FHIR server, by prefetch key and kind of failure.",
+    ["prefetch_key", "kind"],
+    registry=REGISTRY,
+)
+
+# The kinds of FHIR fetch failure (label values of cmv_cds_fhir_fetch_errors_total).
+FETCH_ERROR_KINDS = (
+    "timeout",  # no answer within CMV_CDS_FHIR_TIMEOUT_SECONDS
+    "connection",  # refused, reset, DNS, TLS
+    "transport",  # any other requests error
+    "deadline",  # the request's CMV_CDS_FHIR_DEADLINE_SECONDS budget ran out
+    "http_4xx",
+    "http_5xx",
+    "http_other",
+    "too_large",  # over CMV_CDS_FHIR_MAX_RESPONSE_BYTES
+    "too_many_pages",  # over CMV_CDS_FHIR_MAX_PAGES
+    "foreign_link",  # a paging link outside the FHIR server's base URL
+    "operation_outcome",
+    "invalid_response",  # not JSON, not a FHIR resource, a search that is not a Bundle
+    "other",
+)
+_HTTP_STATUS = re.compile(r"\bHTTP (\d)\d\d\b")
+# FhirFetchError messages (service.fhir_client) → kind; the first match wins.
+_MESSAGE_KINDS = (
+    ("deadline", "deadline"),
+    ("larger than", "too_large"),
+    ("pages", "too_many_pages"),
+    ("outside its own base", "foreign_link"),
+    ("404 to a search", "http_4xx"),
+    ("OperationOutcome", "operation_outcome"),
+    ("not JSON", "invalid_response"),
+    ("not a FHIR resource", "invalid_response"),
+    ("not return a Bundle", "invalid_response"),
+    ("unreachable", "transport"),  # normally classified by its cause (above)
+)
+
+
+def method_label(method: str) -> str:
+    return method if method in _METHODS else "other"
+
+
+def observe_request(method: str, route: str, service_id: str | None, status: int, seconds: float) -> None:
+    """Count one answered request and its latency (called once per request, from the app's after_request)."""
+    method = method_label(method)
+    REQUESTS.labels(method, route, service_id or "", str(status)).inc()
+    REQUEST_DURATION.labels(method, route).observe(max(seconds, 0.0))
+
+
+def count_cards(service_id: str, cards: Iterable[tuple[str, str]]) -> None:
+    """Count returned cards, given as (rule id, indicator) pairs."""
+    for rule_id, indicator in cards:
+        CARDS.labels(service_id, rule_id, indicator).inc()
+
+
+@contextmanager
+def fhir_fetch_timer(prefetch_key: str) -> Iterator[None]:
+    """Observe the duration of the fetch inside the block, whether it succeeds or raises."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        FHIR_FETCH_DURATION.labels(prefetch_key).observe(time.perf_counter() - started)
+
+
+def count_fhir_fetch_error(prefetch_key: str, error: FhirFetchError) -> None:
+    FHIR_FETCH_ERRORS.labels(prefetch_key, fetch_error_kind(error)).inc()
+
+
+def fetch_error_kind(error: FhirFetchError) -> str:
+    """One of ``FETCH_ERROR_KINDS`` for a FhirFetchError (its cause, else its fixed message wording)."""
+    cause = error.__cause__
+    if isinstance(cause, requests.Timeout):
+        return "timeout"
+    if isinstance(cause, requests.ConnectionError):
+        return "connection"
+    if isinstance(cause, requests.RequestException):
+        return "transport"
+    message = str(error)
+    status = _HTTP_STATUS.search(message)
+    if status:
+        return {"4": "http_4xx", "5": "http_5xx"}.get(status.group(1), "http_other")
+    return next((kind for fragment, kind in _MESSAGE_KINDS if fragment in message), "other")
+
+
+def exposition() -> tuple[bytes, str]:
+    """The metrics in the Prometheus text format, and their content type.
+
+    In multiprocess mode a fresh registry reads every worker's files on each scrape (as prometheus_client
+    documents); otherwise this process's registry is rendered.
+    """
+    if MULTIPROCESS:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+__all__ = [
+    "FETCH_ERROR_KINDS",
+    "MULTIPROCESS",
+    "count_cards",
+    "count_fhir_fetch_error",
+    "exposition",
+    "fetch_error_kind",
+    "fhir_fetch_timer",
+    "observe_request",
+]
