@@ -1,0 +1,1 @@
+"""Benchmark of the CDS service against a no-op Flask app under the same gunicorn configuration."""

@@ -1,0 +1,465 @@
+"""``python -m bench``: the service against a no-op Flask app under the same gunicorn configuration.
+
+See bench/README.md. Everything runs on 127.0.0.1; every server started here is stopped at the end (its
+process group, by id), also on an error or Ctrl-C; every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import orjson
+import requests
+
+from bench import fixture
+from bench.fhir_stub import RemoteStub
+from bench.load import WRK_INSTALL, LoadResult, RssSampler, find_wrk, run_wrk, timed_post, write_lua
+from bench.procs import LOOPBACK, BenchError, Processes, Server, free_port, interrupt_on_termination, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKERS = 2
+SERVICE_PATH = f"/cds-services/{fixture.SERVICE_ID}"
+SERVICE_APP = "service.wsgi:app"
+NOOP_APP = "bench.noop_app:app"
+# Logged by service.gunicorn_conf.post_worker_init once a worker has built the app and warmed up.
+WORKER_READY = ('"fhir models warmed"', '"fhir model warm-up failed"')
+
+TARGETS = {
+    "throughput_vs_noop": 0.50,  # full-prefetch req/s at c=8 ≥ 50 % of the no-op floor
+    "p99_c8_ms": 15.0,
+    "fhir_ratio": 1.3,  # hook total ≤ 1.3 × the slowest single FHIR round trip
+    "rss_mb": 150.0,
+    "first_request_ms": 300.0,
+}
+
+
+def _gunicorn_argv(app: str, recycle: bool) -> list[str]:
+    # `gunicorn -c python:service.gunicorn_conf <app>` (what `cmv-cds serve` runs), from this venv. Unless
+    # asked for, workers are not recycled during the measurement (max_requests 0): the no-op app reaches
+    # max_requests (10,000 ± 1,000) within seconds, both workers at about the same time, and a 1 s reboot
+    # would be charged to the floor only; the service does not get there within a run.
+    argv = [sys.executable, "-m", "gunicorn", "-c", "python:service.gunicorn_conf"]
+    return [*argv, app] if recycle else [*argv, "--max-requests", "0", app]
+
+
+def _env(port: int, database: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CMV_CDS_")}
+    env.update(
+        CMV_CDS_REQUIRE_AUTH="false",  # benchmark only: no JWTs to mint, and loopback http fhirServer allowed
+        CMV_CDS_DATABASE_URL=f"sqlite:///{database}",
+        CMV_CDS_HOST=LOOPBACK,
+        CMV_CDS_PORT=str(port),
+        CMV_CDS_WORKERS=str(WORKERS),
+    )
+    return env
+
+
+def _start(procs: Processes, tmp: Path, name: str, app: str, recycle: bool) -> Server:
+    port = free_port()
+    log = tmp / f"{name}-{port}.log"
+    argv = _gunicorn_argv(app, recycle)
+    return procs.start(name, argv, env=_env(port, tmp / f"{name}-{port}.sqlite3"), cwd=ROOT, log_path=log, port=port)
+
+
+def _ready_workers(server: Server) -> int:
+    text = server.log_text()
+    return sum(text.count(marker) for marker in WORKER_READY)
+
+
+def _accepts(server: Server) -> bool:
+    try:
+        return requests.get(f"{server.base_url}/healthz", timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _wait_service(server: Server) -> float:
+    """Wait until every worker has logged its warm-up; the seconds from spawn to that point."""
+    wait_for(lambda: _ready_workers(server) >= WORKERS, 90, f"{server.name} workers to boot", server)
+    return time.perf_counter() - server.started_at
+
+
+def _wait_noop(server: Server) -> None:
+    wait_for(lambda: _accepts(server) and len(server.worker_pids()) >= WORKERS, 90, "no-op app", server)
+
+
+def _cards(data: bytes) -> list[dict[str, Any]]:
+    cards: list[dict[str, Any]] = orjson.loads(data)["cards"]
+    return cards
+
+
+def _describe_cards(cards: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for card in cards:
+        actions = sorted({a["type"] for s in card.get("suggestions", []) for a in s.get("actions", [])})
+        rule = card["source"].get("topic", {}).get("code", "?")
+        out.append(f"{rule} [{card['indicator']}]" + (f" ({'/'.join(actions)})" if actions else ""))
+    return out
+
+
+def _check_answer(status: int, data: bytes, what: str) -> list[dict[str, Any]]:
+    if status != 200:
+        raise BenchError(f"{what}: HTTP {status}: {data[:500]!r}")
+    cards = _cards(data)
+    dose = [c for c in cards if c["source"].get("topic", {}).get("code") == "dose-adjust"]
+    updates = [a for c in dose for s in c.get("suggestions", []) for a in s.get("actions", []) if a["type"] == "update"]
+    if not updates:
+        raise BenchError(f"{what}: no dose card with an update suggestion: {_describe_cards(cards)}")
+    return cards
+
+
+def first_requests(procs: Processes, tmp: Path, body: bytes, boots: int, recycle: bool) -> dict[str, Any]:
+    """Fresh service each time: time to boot, then the first, second and warm request latencies."""
+    samples = []
+    for _ in range(boots):
+        server = _start(procs, tmp, "service-boot", SERVICE_APP, recycle)
+        try:
+            boot_s = _wait_service(server)
+            time.sleep(0.3)  # let both workers reach their accept loop after the warm-up log line
+            first, status, data = timed_post(server.port, SERVICE_PATH, body)
+            _check_answer(status, data, "first request")
+            second, status, data = timed_post(server.port, SERVICE_PATH, body)
+            _check_answer(status, data, "second request")
+            warm = [timed_post(server.port, SERVICE_PATH, body)[0] for _ in range(20)]
+            samples.append(
+                {
+                    "boot_s": round(boot_s, 2),
+                    "first_ms": round(first * 1000, 1),
+                    "second_ms": round(second * 1000, 1),
+                    "warm_median_ms": round(statistics.median(warm) * 1000, 2),
+                }
+            )
+        finally:
+            procs.stop(server.process)
+    return {"samples": samples, "first_ms_max": max(s["first_ms"] for s in samples)}
+
+
+def _single_round_trips(stub: RemoteStub, repeats: int) -> dict[str, float]:
+    """Median seconds per prefetch query, each GET on a new requests.Session as the service does."""
+    medians = {}
+    for key in stub.queries:
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            with requests.Session() as session:
+                response = session.get(
+                    stub.url_for(key),
+                    headers={"Accept": "application/fhir+json", "Authorization": "Bearer bench-token"},
+                    timeout=5,
+                )
+                response.content  # noqa: B018 (read the whole body)
+            times.append(time.perf_counter() - started)
+            if response.status_code != 200:
+                raise BenchError(f"FHIR stub: {key} answered {response.status_code}")
+        medians[key] = statistics.median(times)
+    return medians
+
+
+def start_stub(procs: Processes, tmp: Path, delay_seconds: float) -> RemoteStub:
+    """The FHIR stub in its own process (and process group); its first output line is its base URL."""
+    server = procs.start(
+        "fhir-stub",
+        [sys.executable, "-m", "bench.fhir_stub", str(delay_seconds)],
+        env=dict(os.environ),
+        cwd=ROOT,
+        log_path=tmp / "fhir-stub.log",
+        port=0,
+    )
+    wait_for(lambda: server.log_text().startswith("http://"), 30, "the FHIR stub", server)
+    return RemoteStub(base_url=server.log_text().split()[0], delay_seconds=delay_seconds)
+
+
+def fhir_scenario(server: Server, stub: RemoteStub, calls: int, expected: list[str]) -> dict[str, Any]:
+    """No prefetch: the service fetches the six queries from the stub; compare with a single round trip."""
+    _single_round_trips(stub, 1)  # warm the stub and the driver's HTTP stack
+    singles = _single_round_trips(stub, 5)
+    slowest_key = max(singles, key=lambda k: singles[k])
+    body = orjson.dumps(fixture.order_select(with_prefetch=False, fhir_server=stub.base_url))
+    for _ in range(3):  # warm: the first fetches build thread pools, sessions, imports
+        _, status, data = timed_post(server.port, SERVICE_PATH, body)
+        cards = _check_answer(status, data, "fhirServer scenario")
+        if _describe_cards(cards) != expected:
+            raise BenchError(f"fhirServer scenario gave other cards: {_describe_cards(cards)} != {expected}")
+    stub.reset_counters()
+    totals = sorted(timed_post(server.port, SERVICE_PATH, body)[0] for _ in range(calls))
+    median = statistics.median(totals)
+    stats = stub.stats()
+    return {
+        "stub_delay_ms": round(stub.delay_seconds * 1000, 1),
+        "queries": len(singles),
+        "single_ms": {k: round(v * 1000, 1) for k, v in singles.items()},
+        "slowest_single_ms": round(singles[slowest_key] * 1000, 1),
+        "calls": calls,
+        "total_median_ms": round(median * 1000, 1),
+        "total_p90_ms": round(totals[int(0.9 * (len(totals) - 1))] * 1000, 1),
+        "total_max_ms": round(totals[-1] * 1000, 1),
+        "ratio": round(median / singles[slowest_key], 2),
+        "peak_concurrent_fetches": stats["peak_in_flight"],
+        "stub_misses": stats["misses"],
+        "stub_hits": stats["hits"],
+    }
+
+
+def load_app(
+    procs: Processes,
+    tmp: Path,
+    *,
+    name: str,
+    app: str,
+    wrk: str,
+    lua: Path,
+    body: bytes,
+    seconds: float,
+    recycle: bool,
+    extra: Any = None,
+) -> dict[str, Any]:
+    """Start one app, check its answer, warm it, run wrk at c=1 and c=8 while sampling worker RSS."""
+    server = _start(procs, tmp, name, app, recycle)
+    try:
+        if app == SERVICE_APP:
+            _wait_service(server)
+        else:
+            _wait_noop(server)
+        _, status, data = timed_post(server.port, SERVICE_PATH, body)
+        cards = _check_answer(status, data, name) if app == SERVICE_APP else _cards(data)
+        run_wrk(wrk, server, SERVICE_PATH, lua, connections=8, seconds=min(2.0, seconds), label="warm-up")
+        result: dict[str, Any] = {"cards": _describe_cards(cards), "response_bytes": len(data)}
+        with RssSampler(server) as rss:
+            loads: list[LoadResult] = [
+                run_wrk(wrk, server, SERVICE_PATH, lua, connections=c, seconds=seconds, label=name) for c in (1, 8)
+            ]
+            if extra is not None:
+                result.update(extra(server, result["cards"]))
+        result["load"] = [asdict(load) for load in loads]
+        result["peak_rss_mb"] = {str(pid): round(kb / 1024, 1) for pid, kb in sorted(rss.peak_kb.items())}
+        return result
+    finally:
+        procs.stop(server.process)
+
+
+def _machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    wrk_version = ""
+    wrk = find_wrk()
+    if wrk:
+        out = subprocess.run([wrk, "--version"], capture_output=True, text=True, check=False).stdout
+        wrk_version = out.split("[")[0].strip()
+    from importlib.metadata import version
+
+    return {
+        "cores": os.cpu_count(),
+        "cpu": model,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "gunicorn": version("gunicorn"),
+        "flask": version("flask"),
+        "wrk": wrk_version,
+    }
+
+
+def _fmt_row(cells: list[str], widths: list[int]) -> str:
+    return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+
+
+def report(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    noop, svc = results["noop"], results["service"]
+    lines = [
+        f"CMV CDS benchmark  {results['started']}  label: {results['label'] or '-'}",
+        f"machine: {m['cores']} cores ({m['cpu']}), load average at start {m['load_average_at_start']}; "
+        f"Python {m['python']}, gunicorn {m['gunicorn']}, Flask {m['flask']}, {m['wrk']}",
+        f"servers: gunicorn -c python:service.gunicorn_conf <app>, {WORKERS} sync workers, 127.0.0.1 only, "
+        + ("max_requests as configured" if results["recycle"] else "max_requests 0 (no worker recycling)"),
+        "AUTHENTICATION OFF: CMV_CDS_REQUIRE_AUTH=false for the benchmark (no client JWT is verified); "
+        "feedback in a temporary SQLite file",
+        f"request: order-select with {results['request']['resources']} resources "
+        f"({results['request']['bytes']} bytes); service answer: {', '.join(svc['cards'])}",
+        "",
+        f"Load (wrk -t1, {results['seconds']:g} s per run, POST {SERVICE_PATH}):",
+    ]
+    widths = [8, 5, 8, 7, 7, 7, 7, 10, 7]
+    lines.append(
+        _fmt_row(["app", "conns", "req/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "CPU ms/req", "errors"], widths)
+    )
+    for block in (noop, svc):
+        for load in block["load"]:
+            lines.append(
+                _fmt_row(
+                    [
+                        load["app"],
+                        str(load["connections"]),
+                        f"{load['rps']:.0f}",
+                        f"{load['p50_ms']:.2f}",
+                        f"{load['p95_ms']:.2f}",
+                        f"{load['p99_ms']:.2f}",
+                        f"{load['max_ms']:.1f}",
+                        f"{load['cpu_ms_per_request']:.2f}",
+                        str(sum(load["errors"].values())),
+                    ],
+                    widths,
+                )
+            )
+    for c_index, conns in enumerate((1, 8)):
+        ratio = svc["load"][c_index]["rps"] / noop["load"][c_index]["rps"]
+        lines.append(f"service / no-op throughput at c={conns}: {ratio:.0%}")
+    recycled = [b["load"][-1]["app"] for b in (noop, svc) if any(ld["workers_seen"] > WORKERS for ld in b["load"])]
+    if recycled:
+        lines.append(f"note: gunicorn recycled workers during the run of {', '.join(recycled)} (max_requests)")
+    lines += [
+        "",
+        "Peak RSS per worker (VmHWM, MB): service "
+        + ", ".join(f"{v:.1f}" for v in svc["peak_rss_mb"].values())
+        + "; no-op "
+        + ", ".join(f"{v:.1f}" for v in noop["peak_rss_mb"].values()),
+    ]
+    boot = results["first_request"]
+    lines.append("First request after boot (fresh service each time; boot = spawn until both workers warmed):")
+    for s in boot["samples"]:
+        lines.append(
+            f"  boot {s['boot_s']:.2f} s; first request {s['first_ms']:.1f} ms, second {s['second_ms']:.1f} ms, "
+            f"then median {s['warm_median_ms']:.2f} ms"
+        )
+    f = svc["fhir"]
+    lines += [
+        "",
+        f"fhirServer scenario (no prefetch; stub answers each of the {f['queries']} queries after "
+        f"{f['stub_delay_ms']:g} ms):",
+        f"  slowest single FHIR round trip {f['slowest_single_ms']:.1f} ms (median of 5 per query: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in f["single_ms"].items())
+        + ")",
+        f"  hook call total: median {f['total_median_ms']:.1f} ms, p90 {f['total_p90_ms']:.1f} ms, "
+        f"max {f['total_max_ms']:.1f} ms over {f['calls']} calls = {f['ratio']:.2f}x the slowest single round trip; "
+        f"peak concurrent FHIR requests {f['peak_concurrent_fetches']}, unmatched queries {f['stub_misses']}",
+        "",
+        "Targets:",
+    ]
+    c8 = svc["load"][1]
+    checks = [
+        (
+            f"throughput at c=8 >= {TARGETS['throughput_vs_noop']:.0%} of the no-op floor",
+            c8["rps"] / noop["load"][1]["rps"] >= TARGETS["throughput_vs_noop"],
+        ),
+        (f"p99 at c=8 <= {TARGETS['p99_c8_ms']:g} ms", c8["p99_ms"] <= TARGETS["p99_c8_ms"]),
+        (
+            f"fhirServer total <= {TARGETS['fhir_ratio']}x slowest single round trip",
+            f["ratio"] <= TARGETS["fhir_ratio"],
+        ),
+        (f"peak RSS <= {TARGETS['rss_mb']:g} MB per worker", max(svc["peak_rss_mb"].values()) <= TARGETS["rss_mb"]),
+        (
+            f"first request after boot <= {TARGETS['first_request_ms']:g} ms",
+            boot["first_ms_max"] <= TARGETS["first_request_ms"],
+        ),
+    ]
+    lines += [f"  [{'PASS' if ok else 'MISS'}] {text}" for text, ok in checks]
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace, wrk: str, procs: Processes, tmp: Path) -> dict[str, Any]:
+    seconds = args.duration or (3.0 if args.quick else 10.0)
+    boots = args.boots or (1 if args.quick else 3)
+    calls = 10 if args.quick else 20
+    body_json = fixture.order_select()
+    body = orjson.dumps(body_json)
+    body_path = tmp / "order-select.json"
+    body_path.write_bytes(body)
+    lua = write_lua(tmp, body_path)
+    results: dict[str, Any] = {
+        "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "label": args.label,
+        "machine": _machine(),
+        "seconds": seconds,
+        "recycle": args.recycle,
+        "request": {"resources": fixture.resource_count(body_json), "bytes": len(body)},
+    }
+    print(
+        f"benchmark: {seconds:g} s per load run, {boots} fresh boot(s); "
+        f"about {int(4 * (seconds + 2) + 12 * boots + 15)} s",
+        flush=True,
+    )
+    print("AUTHENTICATION OFF for the benchmark: CMV_CDS_REQUIRE_AUTH=false", flush=True)
+    results["first_request"] = first_requests(procs, tmp, body, boots, args.recycle)
+    print("  first request after boot: done", flush=True)
+    results["noop"] = load_app(
+        procs, tmp, name="no-op", app=NOOP_APP, wrk=wrk, lua=lua, body=body, seconds=seconds, recycle=args.recycle
+    )
+    print("  no-op app: done", flush=True)
+    stub = start_stub(procs, tmp, delay_seconds=0.05)
+
+    def scenario(server: Server, cards: list[str]) -> dict[str, Any]:
+        return {"fhir": fhir_scenario(server, stub, calls, cards)}
+
+    results["service"] = load_app(
+        procs,
+        tmp,
+        name="service",
+        app=SERVICE_APP,
+        wrk=wrk,
+        lua=lua,
+        body=body,
+        seconds=seconds,
+        recycle=args.recycle,
+        extra=scenario,
+    )
+    print("  service: done\n", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="3 s per load run and one boot (about 40 s in all)")
+    parser.add_argument("--duration", type=float, help="seconds per wrk run (default 10; 3 with --quick)")
+    parser.add_argument("--boots", type=int, help="fresh starts for the first-request latency (default 3)")
+    parser.add_argument(
+        "--recycle",
+        action="store_true",
+        help="keep gunicorn_conf's max_requests recycling during the runs (default: off, see bench/README.md)",
+    )
+    parser.add_argument("--label", default="", help="a label printed with the results (e.g. before/after)")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    args = parser.parse_args(argv)
+
+    wrk = find_wrk()
+    if wrk is None:
+        print(
+            f"python -m bench needs wrk (the HTTP load generator). Install it with:\n  {WRK_INSTALL}", file=sys.stderr
+        )
+        return 2
+    interrupt_on_termination()
+    procs = Processes()
+    tmp = Path(tempfile.mkdtemp(prefix="cmv-cds-bench-"))
+    try:
+        results = _run(args, wrk, procs, tmp)
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping every server started", file=sys.stderr)
+        return 130
+    except BenchError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(report(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        print(f"\nresults written to {args.json}")
+    return 0
