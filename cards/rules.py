@@ -68,6 +68,16 @@ class Context:
     options: Options
     patient_id: str
     drafts: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
+    _regimens: dict[tuple[Drug, Phase], Regimen | Missing | NotRecommended] = field(default_factory=dict)
+
+    def regimen(self, drug: Drug, phase: Phase) -> Regimen | Missing | NotRecommended:
+        """The regimen of ``drug`` for this patient (policy.md §3-§5; the colitis course when the patient
+        has CMV GI disease), computed once per call: several rules propose the same drug."""
+        key = (drug, phase)
+        if key not in self._regimens:
+            colitis = "gastrointestinal" in self.facts.manifestations
+            self._regimens[key] = compute(drug, phase, self.facts, self.options.dosing_weight, colitis=colitis)
+        return self._regimens[key]
 
     def already_ordered(self, set_name: str) -> bool:
         """An active order or a draft (selected or not) of this drug exists: no duplicate proposal."""
@@ -400,8 +410,7 @@ def _vl_text(load: ViralLoad) -> str:
 def assess_order(ctx: Context, order: Mapping[str, Any], drug: Drug) -> list[Card]:
     """The main card for one selected CMV antiviral order, plus the order's follow-on cards."""
     phase = therapy_phase(ctx, order, drug)
-    colitis = "gastrointestinal" in ctx.facts.manifestations
-    regimen = compute(drug, phase, ctx.facts, ctx.options.dosing_weight, colitis=colitis)
+    regimen = ctx.regimen(drug, phase)
 
     for rule in (myelosuppression, resistance, cns_combination, valganciclovir_to_iv):
         card = rule(ctx, order, drug, phase, regimen)
@@ -614,16 +623,6 @@ def not_recommended_card(order: Mapping[str, Any], drug: Drug, verdict: NotRecom
 # --- steering rules (policy.md §6) ------------------------------------------------------------------
 
 
-def _foscarnet_for(ctx: Context, phase: Phase) -> Regimen | Missing | NotRecommended:
-    return compute(
-        "foscarnet",
-        phase,
-        ctx.facts,
-        ctx.options.dosing_weight,
-        colitis="gastrointestinal" in ctx.facts.manifestations,
-    )
-
-
 def _alternative_unavailable(alt: Missing | NotRecommended) -> list[str]:
     if isinstance(alt, Missing):
         return ["", "The alternative could not be dosed:", *missing_lines(alt.items)]
@@ -649,7 +648,7 @@ def myelosuppression(ctx: Context, order: Mapping[str, Any], drug: Drug, phase: 
             )
     if not low:
         return None
-    alternative = _foscarnet_for(ctx, phase)
+    alternative = ctx.regimen("foscarnet", phase)
     detail = [
         f"**Avoid {drug}:** the label says it should be avoided below these counts "
         "(clinical.md §1.4, §2.4; policy.md §6).",
@@ -713,7 +712,7 @@ def resistance(ctx: Context, order: Mapping[str, Any], drug: Drug, phase: Phase,
             "The reference has no LOINC code for this test.",
         ),
     )
-    alternative = _foscarnet_for(ctx, phase)
+    alternative = ctx.regimen("foscarnet", phase)
     detail = ["**Suspected ganciclovir resistance** (policy.md §6):", *[f"- {r}" for r in reasons], ""]
     suggestions = []
     if isinstance(alternative, Regimen):
@@ -755,9 +754,8 @@ def cns_combination(ctx: Context, order: Mapping[str, Any], drug: Drug, phase: P
     needs_fos = drug != "foscarnet" and not ctx.already_ordered("Foscarnet")
     if not needs_gcv and not needs_fos and drug != "valganciclovir":
         return None  # both drugs are already ordered: each is dose-checked on its own
-    colitis = "gastrointestinal" in ctx.facts.manifestations
-    gcv = compute("ganciclovir", phase, ctx.facts, ctx.options.dosing_weight, colitis=colitis)
-    fos = _foscarnet_for(ctx, phase)
+    gcv = ctx.regimen("ganciclovir", phase)
+    fos = ctx.regimen("foscarnet", phase)
     evidence = ctx.facts.manifestations["cns"]
     detail = [
         f"**CNS CMV disease** ({evidence.label}, {evidence.source}): combination IV ganciclovir + IV foscarnet is "
@@ -837,13 +835,7 @@ def valganciclovir_to_iv(ctx: Context, order: Mapping[str, Any], drug: Drug, pha
     if not reasons:
         return None
     critical = ctx.facts.dialysis is not None or isinstance(regimen, NotRecommended)
-    gcv = compute(
-        "ganciclovir",
-        phase,
-        ctx.facts,
-        ctx.options.dosing_weight,
-        colitis="gastrointestinal" in ctx.facts.manifestations,
-    )
+    gcv = ctx.regimen("ganciclovir", phase)
     detail = [
         "**Oral valganciclovir is not advised as initial therapy here** (policy.md §6):",
         *[f"- {r}" for r in reasons],
@@ -988,7 +980,7 @@ def step_down(ctx: Context, order: Mapping[str, Any], drug: Drug, regimen: Regim
     trend = viral_load_trend(ctx.facts, start)
     if trend is None or not trend[3] < trend[2]:
         return []
-    oral = compute("valganciclovir", regimen.phase, ctx.facts, ctx.options.dosing_weight)
+    oral = ctx.regimen("valganciclovir", regimen.phase)
     if not isinstance(oral, Regimen):
         return []
     detail = [
