@@ -1,7 +1,15 @@
 """JSON Schema validation of CDS Hooks bodies against the schemas kept in ``service/schemas``.
 
-Validators are compiled once at import. A failure becomes an ``InvalidRequest`` (HTTP 400) whose
+Validators are compiled once per process. A failure becomes an ``InvalidRequest`` (HTTP 400) whose
 OperationOutcome names the field at fault as a path such as ``context.selections[0]``.
+
+Two engines, one schema: ``jsonschema_rs`` (compiled Rust) answers "valid?" for every request, ~100x faster
+than the ``jsonschema`` package here (0.19 ms of a hook call, bench/README.md); only an invalid body goes
+on to ``jsonschema``, whose ``best_match`` picks the error the 400 names. The schemas' patterns are written
+to mean the same in both regex engines (control characters are named explicitly rather than left to the
+whitespace class, which differs), and a test runs both engines over the same fuzzed requests. Where they
+still disagree (Python's ``$`` also matches before a trailing newline, ECMA-262's does not), the body is
+refused with the Rust engine's first error.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import jsonschema_rs
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 from referencing import Registry, Resource
@@ -46,6 +55,18 @@ def validator(name: str) -> Draft202012Validator:
     schema = load_schema(name)
     Draft202012Validator.check_schema(schema)
     return Draft202012Validator(schema, registry=_registry())
+
+
+@functools.cache
+def fast_validator(name: str) -> jsonschema_rs.Validator:
+    """The same schema compiled by ``jsonschema_rs``, with the same cross-file references."""
+    resources = []
+    for path in sorted(SCHEMA_DIR.glob("*.schema.json")):
+        schema = load_schema(path.name)
+        resources.append((schema["$id"], schema))
+    registry = jsonschema_rs.Registry(resources)
+    schema = load_schema(name)
+    return jsonschema_rs.Draft202012Validator(schema, registry=registry, base_uri=schema["$id"])
 
 
 def format_path(parts: Iterable[Any], prefix: str = "") -> str:
@@ -102,9 +123,16 @@ def _describe(error: ValidationError, prefix: str) -> tuple[str, str]:
 
 def validate(instance: Any, schema_name: str, *, prefix: str = "") -> None:
     """Raise ``InvalidRequest`` naming the most relevant error, if ``instance`` is invalid."""
+    if fast_validator(schema_name).is_valid(instance):
+        return
     errors = list(validator(schema_name).iter_errors(instance))
     if not errors:
-        return
+        # The engines disagree. The Rust engine follows the ECMA-262 regex semantics JSON Schema
+        # prescribes, where Python's ``$`` also matches before a trailing newline ("id\n"): refuse.
+        first = next(iter(fast_validator(schema_name).iter_errors(instance)))
+        where = format_path(first.instance_path, prefix) or prefix or "body"
+        rule = "has an invalid format" if type(first.kind).__name__ == "Pattern" else "is invalid"
+        raise InvalidRequest(f"'{where}' {rule}", expression=where)
     error = best_match(errors)
     assert error is not None
     message, expression = _describe(error, prefix)
