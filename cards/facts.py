@@ -353,33 +353,53 @@ def _usable_observation(observation: Mapping[str, Any]) -> bool:
     return not (status == "preliminary" and not _has_value(observation))
 
 
-def _observations_in(
-    observations: Iterable[Mapping[str, Any]], value_set: CodeSet
-) -> list[tuple[dt.date, dict[str, Any]]]:
-    """Usable observations of a set, oldest first by their full timestamp, with their dates."""
-    timed = []
+@dataclass(frozen=True)
+class _TimedObservation:
+    """A usable, timed Observation with the code sets its code is in, classified once per call."""
+
+    instant: dt.datetime
+    observation: Mapping[str, Any]
+    coded: frozenset[str]  # sets named by a coding (coded_in)
+    matched: frozenset[str]  # sets named by a coding or a non-negated text (concept_in)
+
+
+def _index_observations(observations: Iterable[Mapping[str, Any]]) -> tuple[_TimedObservation, ...]:
+    """Usable observations with a time, oldest first by their full timestamp, each code classified once.
+
+    Why: every fact below asks "the observations of set X"; classifying each Observation once and
+    filtering by set name replaced ~200 (observation, set) questions per call (bench/README.md)."""
+    indexed = []
     for observation in observations:
-        if not _usable_observation(observation) or not concept_in(observation.get("code"), value_set):
+        if not _usable_observation(observation):
             continue
         instant = _observation_instant(observation)
-        if instant is not None:
-            timed.append((instant, dict(observation)))
-    timed.sort(key=lambda item: item[0])
-    return [(instant.date(), observation) for instant, observation in timed]
+        if instant is None:
+            continue
+        sets = _concept_sets(observation.get("code"))
+        indexed.append(_TimedObservation(instant, observation, sets.coded, sets.matched))
+    indexed.sort(key=lambda item: item.instant)  # stable: same-instant results keep their order
+    return tuple(indexed)
+
+
+def _observations_in(observations: Sequence[_TimedObservation], set_name: str) -> list[_TimedObservation]:
+    """The indexed observations of one code set, oldest first."""
+    code_set(set_name)  # an unknown set name is a programming error: KeyError naming the set
+    return [item for item in observations if set_name in item.matched]
 
 
 def _latest_measurement(
-    observations: Sequence[Mapping[str, Any]],
+    observations: Sequence[_TimedObservation],
     set_name: str,
     table: Mapping[str, float],
     unit: str,
     today: dt.date,
     freshness_key: str | None,
 ) -> Measurement | Unusable | None:
-    dated = _observations_in(observations, code_set(set_name))
+    dated = _observations_in(observations, set_name)
     if not dated:
         return None
-    when, observation = dated[-1]
+    latest = dated[-1]
+    when, observation = latest.instant.date(), latest.observation
     source = _reference(observation)
     quantity = observation.get("valueQuantity")
     value = units.quantity_in(quantity, table)
@@ -407,22 +427,19 @@ def _age(birth_date: dt.date | None, today: dt.date) -> int | None:
     return age if age <= MAX_PLAUSIBLE_AGE_YEARS else None
 
 
-def _viral_loads(observations: Sequence[Mapping[str, Any]]) -> tuple[ViralLoad, ...]:
+_VIRAL_LOAD_SETS = ("CmvViralLoadIU", "CmvViralLoadLog10IU", "CmvViralLoadCopies", "CmvDnaQualitative")
+
+
+def _viral_loads(observations: Sequence[_TimedObservation]) -> tuple[ViralLoad, ...]:
     loads: list[tuple[dt.datetime, ViralLoad]] = []
-    sets = {
-        name: code_set(name)
-        for name in ("CmvViralLoadIU", "CmvViralLoadLog10IU", "CmvViralLoadCopies", "CmvDnaQualitative")
-    }
-    for observation in observations:
-        if not _usable_observation(observation):
-            continue
-        code = observation.get("code")
-        kind = next((name for name, vs in sets.items() if coded_in(code, vs)), None)
+    for item in observations:
+        # A coding decides the kind; a name match only when no coding does.
+        kind = next((name for name in _VIRAL_LOAD_SETS if name in item.coded), None)
         if kind is None:
-            kind = next((name for name, vs in sets.items() if concept_in(code, vs)), None)
-        instant = _observation_instant(observation)
-        if kind is None or instant is None:
+            kind = next((name for name in _VIRAL_LOAD_SETS if name in item.matched), None)
+        if kind is None:
             continue
+        instant, observation = item.instant, item.observation
         when = instant.date()
         source = _reference(observation)
         quantity = observation.get("valueQuantity")
@@ -470,8 +487,9 @@ def _reads_detected(observation: Mapping[str, Any]) -> bool:
     return any(_DETECTED.search(t) and not _UNDETECTED.search(t) for t in _value_texts(observation))
 
 
-def _positive_pregnancy_test(observations: Sequence[Mapping[str, Any]], today: dt.date) -> Evidence | None:
-    for when, observation in reversed(_observations_in(observations, code_set("PregnancyTest"))):
+def _positive_pregnancy_test(observations: Sequence[_TimedObservation], today: dt.date) -> Evidence | None:
+    for item in reversed(_observations_in(observations, "PregnancyTest")):
+        when, observation = item.instant.date(), item.observation
         if (today - when).days > PREGNANCY_TEST_WINDOW_DAYS:
             break
         # Qualitative tests say positive/detected; a quantitative hCG counts only when the lab flags it
@@ -559,9 +577,12 @@ def medication_concept(request: Mapping[str, Any]) -> Any:
     return None
 
 
+_DRUG_SET_NAMES = frozenset(DRUG_SETS)
+
+
 def medication_sets(request: Mapping[str, Any]) -> frozenset[str]:
-    concept = medication_concept(request)
-    return frozenset(name for name in DRUG_SETS if concept_in(concept, code_set(name)))
+    """The drug code sets (``DRUG_SETS``) a MedicationRequest's medication is in (``concept_in``)."""
+    return _concept_sets(medication_concept(request)).matched & _DRUG_SET_NAMES
 
 
 def _medication_fact(request: Mapping[str, Any], *, draft: bool) -> MedicationFact | None:
@@ -618,18 +639,19 @@ def _build_facts(
         by_type.setdefault(resource["resourceType"], {})[key] = resource  # one copy per id
     patient = by_type.get("Patient", {}).get(patient_id)
     observations = list(by_type.get("Observation", {}).values())
+    timed = _index_observations(observations)
     conditions = [c for c in by_type.get("Condition", {}).values() if _active_condition(c, today)]
 
     birth = parse_date(patient.get("birthDate")) if patient else None
     gender = patient.get("gender") if patient else None
     sex: Sex = gender if gender in ("male", "female", "other") else "unknown"
 
+    cmv_conditions = [c for c in conditions if _cmv_related(c.get("code"))]
+
     def finding(set_name: str, label: str, *, cmv_only: bool = False) -> Evidence | None:
         value_set = code_set(set_name)
-        for condition in conditions:
+        for condition in cmv_conditions if cmv_only else conditions:
             code = condition.get("code")
-            if cmv_only and not _cmv_related(code):
-                continue
             if concept_in(code, value_set):
                 return Evidence(
                     _reference(condition),
@@ -645,10 +667,9 @@ def _build_facts(
     }
     severe = None
     severity_set = code_set("SevereSeverity")
-    for condition in conditions:
-        if _cmv_related(condition.get("code")) and (
-            concept_in(condition.get("severity"), severity_set)
-            or severity_set.matches_text(" ".join(_texts(condition.get("code"))))
+    for condition in cmv_conditions:
+        if concept_in(condition.get("severity"), severity_set) or severity_set.matches_text(
+            " ".join(_texts(condition.get("code")))
         ):
             severe = Evidence(_reference(condition), parse_date(condition.get("recordedDate")), "severe CMV disease")
             break
@@ -670,21 +691,17 @@ def _build_facts(
         patient_source=_reference(patient) if patient else None,
         age_years=_age(birth, today),
         sex=sex,
-        weight=_latest_measurement(observations, "BodyWeight", units.WEIGHT_TO_KG, "kg", today, "weight"),
-        height=_latest_measurement(observations, "BodyHeight", units.HEIGHT_TO_CM, "cm", today, None),
+        weight=_latest_measurement(timed, "BodyWeight", units.WEIGHT_TO_KG, "kg", today, "weight"),
+        height=_latest_measurement(timed, "BodyHeight", units.HEIGHT_TO_CM, "cm", today, None),
         creatinine=_latest_measurement(
-            observations, "SerumCreatinine", units.CREATININE_TO_MG_DL, "mg/dL", today, "creatinine"
+            timed, "SerumCreatinine", units.CREATININE_TO_MG_DL, "mg/dL", today, "creatinine"
         ),
-        anc=_latest_measurement(observations, "NeutrophilCount", units.COUNT_TO_PER_UL, "cells/µL", today, "anc"),
-        platelets=_latest_measurement(observations, "PlateletCount", units.COUNT_TO_PER_UL, "/µL", today, "platelets"),
-        hemoglobin=_latest_measurement(
-            observations, "Hemoglobin", units.HEMOGLOBIN_TO_G_DL, "g/dL", today, "hemoglobin"
-        ),
-        urine_protein=_latest_measurement(
-            observations, "UrineProtein", units.URINE_PROTEIN_TO_MG_DL, "mg/dL", today, None
-        ),
-        viral_loads=_viral_loads(observations),
-        pregnancy=_positive_pregnancy_test(observations, today) or finding("Pregnancy", "pregnancy"),
+        anc=_latest_measurement(timed, "NeutrophilCount", units.COUNT_TO_PER_UL, "cells/µL", today, "anc"),
+        platelets=_latest_measurement(timed, "PlateletCount", units.COUNT_TO_PER_UL, "/µL", today, "platelets"),
+        hemoglobin=_latest_measurement(timed, "Hemoglobin", units.HEMOGLOBIN_TO_G_DL, "g/dL", today, "hemoglobin"),
+        urine_protein=_latest_measurement(timed, "UrineProtein", units.URINE_PROTEIN_TO_MG_DL, "mg/dL", today, None),
+        viral_loads=_viral_loads(timed),
+        pregnancy=_positive_pregnancy_test(timed, today) or finding("Pregnancy", "pregnancy"),
         dialysis=finding("DialysisDependence", "dialysis dependence"),
         transplant=finding("OrganTransplant", "transplant recipient"),
         hiv=finding("HivInfection", "HIV infection"),
@@ -696,7 +713,10 @@ def _build_facts(
     )
 
 
+_MANIFESTATION_SET_NAMES = frozenset(MANIFESTATION_SETS.values())
+
+
 def _cmv_related(concept: Any) -> bool:
-    if concept_in(concept, code_set("CmvInfection")):
-        return True
-    return any(coded_in(concept, code_set(name)) for name in MANIFESTATION_SETS.values())
+    """Named as CMV infection, or coded as a CMV manifestation."""
+    sets = _concept_sets(concept)
+    return "CmvInfection" in sets.matched or not sets.coded.isdisjoint(_MANIFESTATION_SET_NAMES)
