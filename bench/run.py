@@ -35,7 +35,7 @@ SERVICE_PATH = f"/cds-services/{fixture.SERVICE_ID}"
 SERVICE_APP = "service.wsgi:app"
 NOOP_APP = "bench.noop_app:app"
 # Logged by service.gunicorn_conf.post_worker_init once a worker has built the app and warmed up.
-WORKER_READY = ('"fhir models warmed"', '"fhir model warm-up failed"')
+WORKER_READY = ('"worker warmed"', '"worker warm-up failed"')
 
 TARGETS = {
     "throughput_vs_noop": 0.50,  # full-prefetch req/s at c=8 ≥ 50 % of the no-op floor

@@ -7,7 +7,7 @@ card says what is missing); it never raises.
 Resources are read as JSON rather than through fhir.resources models: the rules need a few elements
 of a few resources, and model-validating every prefetched resource costs ~0.2 ms each
 (reference/ecosystem.md §1). The selected draft orders, which the service proposes to change, are
-validated with the R4B models in ``service.draft_orders``.
+validated against the FHIR R4 JSON Schema in ``service.draft_schema``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The draft orders of an order-select / order-sign context: which are selected, and are they R4.
 
-Selected MedicationRequests are validated with fhir.resources **R4B** models (the R4 wire format for
-MedicationRequest; the default ``fhir.resources`` package is R5 and rejects R4 JSON). Real clients are
+Selected MedicationRequests are validated against the FHIR R4 JSON Schema (``service.draft_schema``). Real
+clients are
 sloppy (the CDS Hooks sandbox sends ``category`` and ``reasonCode`` as single objects, and the hook
 library's own R4 example sends ``doseAndRate`` as an object), so a single object where R4 has an array
 is wrapped before validation. Non-selected orders are context only: they are never validated, so a
@@ -14,10 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fhir.resources.R4B.medicationrequest import MedicationRequest
-from pydantic import ValidationError
-
 from cards.fhir_out import json_copy
+from service.draft_schema import draft_schema
 from service.errors import InvalidRequest
 from service.validation import format_path
 
@@ -54,15 +52,13 @@ def normalise_medication_request(resource: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _validate_r4(resource: dict[str, Any], where: str) -> None:
-    try:
-        MedicationRequest.model_validate(resource)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = [part for part in first.get("loc", ()) if part != "__root__"]
-        expression = format_path(loc, where)
-        raise InvalidRequest(
-            f"'{expression}' is not valid FHIR R4: {first.get('msg', 'invalid')}", expression=expression
-        ) from None
+    schema = draft_schema()
+    if schema.is_valid(resource):
+        return
+    error = schema.first_error(resource)
+    path, rule = error if error is not None else ([], "is invalid")
+    expression = format_path(path, where)
+    raise InvalidRequest(f"'{expression}' is not valid FHIR R4: it {rule}", expression=expression)
 
 
 def _subject_patient_id(resource: Mapping[str, Any]) -> str | None:

@@ -98,30 +98,29 @@ _log = logging.getLogger("cmv_cds.gunicorn")
 
 
 def post_worker_init(worker: Any) -> None:
-    """Warm the FHIR models (and the code sets and JSON Schemas) in each new worker, so the first real
-    request does not pay to build them.
+    """Build, in each new worker, what the first request would otherwise pay for: the compiled draft
+    MedicationRequest schema (~0.1 s, service.draft_schema), the code sets (41 ValueSet files, their
+    regexes and code index) and the compiled request schemas (~25 ms together, bench/README.md).
 
-    fhir.resources builds its pydantic models lazily: the import and the first validation cost a few
-    hundred milliseconds (ecosystem.md §1). A failure here is logged and the worker serves anyway.
+    A failure here is logged and the worker serves anyway (the first request then builds them).
     """
     started = time.perf_counter()
     try:
-        from fhir.resources.R4B.medicationrequest import MedicationRequest
-
         from cards.codes import all_code_sets, coded_set_names
-        from service.validation import SCHEMA_DIR, validator
+        from service.draft_schema import draft_schema
+        from service.validation import SCHEMA_DIR, fast_validator, validator
 
-        MedicationRequest.model_validate(_WARM_UP_ORDER)
-        # Also built lazily, and paid by the first hook call otherwise (~25 ms together, bench/README.md): the
-        # code sets (41 ValueSet files, their regexes and code index) and the compiled JSON Schemas.
+        if not draft_schema().is_valid(_WARM_UP_ORDER):
+            raise ValueError("the warm-up MedicationRequest does not satisfy the draft schema")
         all_code_sets()
         coded_set_names(_WARM_UP_ORDER["medicationCodeableConcept"])
         for schema in sorted(SCHEMA_DIR.glob("*.schema.json")):
             validator(schema.name)
+            fast_validator(schema.name)
     except Exception:
-        _log.exception("fhir model warm-up failed")
+        _log.exception("worker warm-up failed")
         return
-    _log.info("fhir models warmed", extra={"latency_ms": round((time.perf_counter() - started) * 1000, 2)})
+    _log.info("worker warmed", extra={"latency_ms": round((time.perf_counter() - started) * 1000, 2)})
 
 
 # --- Prometheus metrics across workers (service/metrics.py) ----------------------------------------------

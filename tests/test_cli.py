@@ -23,6 +23,8 @@ from gunicorn.app.wsgiapp import WSGIApplication
 
 from service import cli, gunicorn_conf
 from service.config import ENV_PREFIX, Settings
+from service.draft_schema import draft_schema
+from service.validation import SCHEMA_DIR, fast_validator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,10 +143,14 @@ def test_gunicorn_reads_the_conf_module_directly(monkeypatch: pytest.MonkeyPatch
     assert cfg.post_worker_init is gunicorn_conf.post_worker_init
 
 
-def test_post_worker_init_warms_the_fhir_models(caplog: pytest.LogCaptureFixture) -> None:
+def test_post_worker_init_compiles_the_schemas(caplog: pytest.LogCaptureFixture) -> None:
+    draft_schema.cache_clear()
+    fast_validator.cache_clear()
     with caplog.at_level(logging.INFO, logger="cmv_cds.gunicorn"):
         gunicorn_conf.post_worker_init(object())
-    assert [r.getMessage() for r in caplog.records if r.name == "cmv_cds.gunicorn"] == ["fhir models warmed"]
+    assert [r.getMessage() for r in caplog.records if r.name == "cmv_cds.gunicorn"] == ["worker warmed"]
+    assert draft_schema.cache_info().currsize == 1
+    assert fast_validator.cache_info().currsize == len(list(SCHEMA_DIR.glob("*.schema.json")))
 
 
 # --- errors ---------------------------------------------------------------------------------------------
@@ -329,7 +335,7 @@ def test_real_server_lists_the_services(launcher: str, start_server: Any, server
     assert stop_group(process) == 0
     assert not metrics_dir.exists(), "the master deletes the metrics directory it created"
     log = log_path.read_text()
-    assert "fhir models warmed" in log  # post_worker_init ran in the worker
+    assert "worker warmed" in log  # post_worker_init ran in the worker
     assert "Using worker: sync" in log
 
 
