@@ -431,7 +431,8 @@ _VIRAL_LOAD_SETS = ("CmvViralLoadIU", "CmvViralLoadLog10IU", "CmvViralLoadCopies
 
 
 def _viral_loads(observations: Sequence[_TimedObservation]) -> tuple[ViralLoad, ...]:
-    loads: list[tuple[dt.datetime, ViralLoad]] = []
+    """The CMV DNA results, oldest first (the index is in time order)."""
+    loads: list[ViralLoad] = []
     for item in observations:
         # A coding decides the kind; a name match only when no coding does.
         kind = next((name for name in _VIRAL_LOAD_SETS if name in item.coded), None)
@@ -439,8 +440,8 @@ def _viral_loads(observations: Sequence[_TimedObservation]) -> tuple[ViralLoad, 
             kind = next((name for name in _VIRAL_LOAD_SETS if name in item.matched), None)
         if kind is None:
             continue
-        instant, observation = item.instant, item.observation
-        when = instant.date()
+        observation = item.observation
+        when = item.instant.date()
         source = _reference(observation)
         quantity = observation.get("valueQuantity")
         undetectable = _reads_undetectable(observation)
@@ -461,12 +462,10 @@ def _viral_loads(observations: Sequence[_TimedObservation]) -> tuple[ViralLoad, 
             iu, undetectable = None, True
         if iu is None and copies is None and not undetectable:
             if kind == "CmvDnaQualitative" and _reads_detected(observation):
-                loads.append((instant, ViralLoad(date=when, source=source, iu_per_ml=None, undetectable=False)))
+                loads.append(ViralLoad(date=when, source=source, iu_per_ml=None, undetectable=False))
             continue
-        load = ViralLoad(date=when, source=source, iu_per_ml=iu, undetectable=undetectable, copies_per_ml=copies)
-        loads.append((instant, load))
-    loads.sort(key=lambda item: item[0])
-    return tuple(load for _, load in loads)
+        loads.append(ViralLoad(date=when, source=source, iu_per_ml=iu, undetectable=undetectable, copies_per_ml=copies))
+    return tuple(loads)
 
 
 def _value_texts(observation: Mapping[str, Any]) -> list[str]:

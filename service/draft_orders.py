@@ -1,10 +1,9 @@
 """The draft orders of an order-select / order-sign context: which are selected, and are they R4.
 
-Selected MedicationRequests are validated against the FHIR R4 JSON Schema (``service.draft_schema``). Real
-clients are
-sloppy (the CDS Hooks sandbox sends ``category`` and ``reasonCode`` as single objects, and the hook
-library's own R4 example sends ``doseAndRate`` as an object), so a single object where R4 has an array
-is wrapped before validation. Non-selected orders are context only: they are never validated, so a
+Selected MedicationRequests are validated against the FHIR R4 JSON Schema (``service.draft_schema``).
+Real clients are sloppy (the CDS Hooks sandbox sends ``category`` and ``reasonCode`` as single objects,
+and the hook library's own R4 example sends ``doseAndRate`` as an object), so a single object where R4
+has an array is wrapped before validation. Non-selected orders are context only: they are never validated, so a
 malformed one cannot sink the request.
 """
 
