@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 import requests
 
-from bench import fixture
+from bench import ceiling_app, fixture
 from bench.fhir_stub import RemoteStub
 from bench.load import WRK_INSTALL, LoadResult, RssSampler, find_wrk, run_wrk, timed_post, write_lua
 from bench.procs import LOOPBACK, BenchError, Processes, Server, free_port, interrupt_on_termination, wait_for
@@ -228,13 +228,14 @@ def load_app(
 ) -> dict[str, Any]:
     """Start one app, check its answer, warm it, run wrk at c=1 and c=8 while sampling worker RSS."""
     server = _start(procs, tmp, name, app, recycle)
+    is_service = app != NOOP_APP  # the service, or a --ceiling variant of it
     try:
-        if app == SERVICE_APP:
+        if is_service:
             _wait_service(server)
         else:
             _wait_noop(server)
         _, status, data = timed_post(server.port, SERVICE_PATH, body)
-        cards = _check_answer(status, data, name) if app == SERVICE_APP else _cards(data)
+        cards = _check_answer(status, data, name) if is_service else _cards(data)
         run_wrk(wrk, server, SERVICE_PATH, lua, connections=8, seconds=min(2.0, seconds), label="warm-up")
         result: dict[str, Any] = {"cards": _describe_cards(cards), "response_bytes": len(data)}
         with RssSampler(server) as rss:
@@ -297,11 +298,12 @@ def report(results: dict[str, Any]) -> str:
         "",
         f"Load (wrk -t1, {results['seconds']:g} s per run, POST {SERVICE_PATH}):",
     ]
-    widths = [8, 5, 8, 7, 7, 7, 7, 10, 7]
+    ceiling: dict[str, Any] = results.get("ceiling") or {}
+    widths = [13, 5, 8, 7, 7, 7, 7, 10, 7]
     lines.append(
         _fmt_row(["app", "conns", "req/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "CPU ms/req", "errors"], widths)
     )
-    for block in (noop, svc):
+    for block in (noop, svc, *ceiling.values()):
         for load in block["load"]:
             lines.append(
                 _fmt_row(
@@ -322,7 +324,14 @@ def report(results: dict[str, Any]) -> str:
     for c_index, conns in enumerate((1, 8)):
         ratio = svc["load"][c_index]["rps"] / noop["load"][c_index]["rps"]
         lines.append(f"service / no-op throughput at c={conns}: {ratio:.0%}")
-    recycled = [b["load"][-1]["app"] for b in (noop, svc) if any(ld["workers_seen"] > WORKERS for ld in b["load"])]
+    for variant, block in ceiling.items():
+        ratio = block["load"][1]["rps"] / noop["load"][1]["rps"]
+        lines.append(f"{variant} / no-op throughput at c=8: {ratio:.0%} (bench/ceiling_app.py)")
+    recycled = [
+        b["load"][-1]["app"]
+        for b in (noop, svc, *ceiling.values())
+        if any(ld["workers_seen"] > WORKERS for ld in b["load"])
+    ]
     if recycled:
         lines.append(f"note: gunicorn recycled workers during the run of {', '.join(recycled)} (max_requests)")
     lines += [
@@ -391,9 +400,10 @@ def _run(args: argparse.Namespace, wrk: str, procs: Processes, tmp: Path) -> dic
         "recycle": args.recycle,
         "request": {"resources": fixture.resource_count(body_json), "bytes": len(body)},
     }
+    apps = 4 if args.ceiling else 2
     print(
         f"benchmark: {seconds:g} s per load run, {boots} fresh boot(s); "
-        f"about {int(4 * (seconds + 2) + 12 * boots + 15)} s",
+        f"about {int(apps * (2 * seconds + 5) + 12 * boots + 10)} s",
         flush=True,
     )
     print("AUTHENTICATION OFF for the benchmark: CMV_CDS_REQUIRE_AUTH=false", flush=True)
@@ -420,7 +430,25 @@ def _run(args: argparse.Namespace, wrk: str, procs: Processes, tmp: Path) -> dic
         recycle=args.recycle,
         extra=scenario,
     )
-    print("  service: done\n", flush=True)
+    print("  service: done", flush=True)
+    if args.ceiling:
+        results["ceiling"] = {}
+        for variant in ceiling_app.VARIANTS:  # the service with parts taken out
+            results["ceiling"][variant] = block = load_app(
+                procs,
+                tmp,
+                name=variant,
+                app=f"bench.ceiling_app:build({variant!r})",
+                wrk=wrk,
+                lua=lua,
+                body=body,
+                seconds=seconds,
+                recycle=args.recycle,
+            )
+            if block["cards"] != results["service"]["cards"]:
+                raise BenchError(f"ceiling variant {variant} gave other cards: {block['cards']}")
+            print(f"  ceiling {variant}: done", flush=True)
+    print("", flush=True)
     return results
 
 
@@ -433,6 +461,12 @@ def main(argv: list[str] | None = None) -> int:
         "--recycle",
         action="store_true",
         help="keep gunicorn_conf's max_requests recycling during the runs (default: off, see bench/README.md)",
+    )
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also load the service without its clinical evaluation, and with only the protocol work "
+        "(bench/ceiling_app.py): what bounds the throughput",
     )
     parser.add_argument("--label", default="", help="a label printed with the results (e.g. before/after)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")

@@ -1,0 +1,59 @@
+"""``python -m bench --ceiling`` variants (bench/ceiling_app.py) answer what the service answers, with
+fresh uuids, and take out exactly the parts they name; otherwise their figures would mean nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from bench import ceiling_app, fixture
+from service.app import create_app
+from service.store import FeedbackStore
+
+URL = f"/cds-services/{fixture.SERVICE_ID}"
+
+
+def _without_uuids(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_uuids(v) for k, v in value.items() if k != "uuid"}
+    if isinstance(value, list):
+        return [_without_uuids(v) for v in value]
+    return value
+
+
+def _uuids(cards: list[dict[str, Any]]) -> set[str]:
+    return {card["uuid"] for card in cards} | {s["uuid"] for card in cards for s in card.get("suggestions", [])}
+
+
+def _issued_rows(store: FeedbackStore) -> int:
+    store.dispose()  # writes the write-behind queue
+    with store.engine.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM issued_card")).scalar_one())
+
+
+@pytest.mark.parametrize(("variant", "records_cards"), [("no-evaluation", True), ("protocol-only", False)])
+def test_variant_answers_like_the_service_with_fresh_uuids(
+    variant: str, records_cards: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = fixture.order_select()
+    real = create_app({"require_auth": False, "database_url": f"sqlite:///{tmp_path / 'real.sqlite3'}"})
+    expected = real.test_client().post(URL, json=body).get_json()["cards"]
+    real.extensions["cmv_cds"]["store"].dispose()
+    assert [card["summary"] for card in expected]  # the fixture does produce cards
+
+    config = {"require_auth": False, "database_url": f"sqlite:///{tmp_path / variant}.sqlite3"}
+    app = ceiling_app.build(variant, config, patch=monkeypatch.setattr)
+    client = app.test_client()
+    first, second = (client.post(URL, json=body).get_json()["cards"] for _ in range(2))
+
+    assert _without_uuids(first) == _without_uuids(second) == _without_uuids(expected)
+    assert _uuids(first).isdisjoint(_uuids(second))
+    assert _issued_rows(app.extensions["cmv_cds"]["store"]) == (2 * len(expected) if records_cards else 0)
+
+
+def test_unknown_variant_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown ceiling variant"):
+        ceiling_app.build("no-rules")
