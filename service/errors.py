@@ -1,7 +1,8 @@
 """Typed protocol errors and the single edge that turns them into HTTP responses.
 
 Every non-2xx body is a FHIR OperationOutcome in JSON. Unexpected exceptions become a 500 whose body
-carries only an opaque error id; the same id is logged with the traceback.
+carries only an opaque error id; the same id is logged with the traceback. A database that does not answer
+is a 503 (``transient``: the client may retry), not a 500: it is an outage, not a bug.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import orjson
 from flask import Flask, Response
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("cmv_cds.errors")
@@ -117,6 +119,18 @@ def register_error_handlers(app: Flask) -> None:
         if status == 405 and error.get_response().headers.get("Allow"):
             response.headers["Allow"] = error.get_response().headers["Allow"]
         return response
+
+    @app.errorhandler(OperationalError)
+    def _database_unavailable(error: OperationalError) -> Response:
+        # The feedback database, which also holds the JWT replay table, is down, unreachable or locked past
+        # its busy timeout (DB-API OperationalError). The log gets the exception type and frames only (the
+        # formatter drops messages): SQLAlchemy's message quotes the statement and its parameters.
+        error_id = str(uuid.uuid4())
+        log.error("database unavailable", exc_info=error, extra={"error_id": error_id, "status": 503})
+        body = operation_outcome(
+            f"the service's database is unavailable; retry later (id {error_id})", issue_code="transient"
+        )
+        return json_response(body, status=503)
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response:

@@ -74,6 +74,25 @@ class PgCluster:
         """A plain psycopg connection in autocommit mode (for set-up and inspection in tests)."""
         return psycopg.connect(self.conninfo(dbname), autocommit=True)
 
+    def terminate_connections(self, dbname: str) -> None:
+        """Drop every client connection to one database, as a server restart or a failover would."""
+        with self.connect() as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                (dbname,),
+            )
+
+    @contextlib.contextmanager
+    def outage(self, dbname: str) -> Iterator[None]:
+        """A real outage of one database: connections dropped and refused until the block ends."""
+        with self.connect() as admin:
+            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(dbname)))
+            try:
+                self.terminate_connections(dbname)
+                yield
+            finally:
+                admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(dbname)))
+
     def create_database(self, name: str | None = None) -> str:
         """Create an empty database (a fresh name unless given) and return its SQLAlchemy URL."""
         name = name or f"test_{uuid.uuid4().hex[:16]}"

@@ -746,6 +746,36 @@ def test_http_discovery_with_valid_token_is_200(
     assert "services" in response.get_json()
 
 
+@pytest.mark.postgres
+def test_replay_database_outage_is_a_503_not_a_500(
+    create_app: Callable[..., Any], env: Env, postgres_cluster: PgCluster
+) -> None:
+    """Every accepted token is claimed in the replay table. When PostgreSQL refuses connections the
+    service cannot know whether a token is replayed: a 503 ``transient`` (retry), neither a 500 nor a
+    401 that would blame the client's token; and it recovers by itself when the database is back."""
+    url = postgres_cluster.create_database()
+    app = create_app({"require_auth": True, "trusted_issuers": json.dumps(env.issuers()), "database_url": url})
+    client = app.test_client()
+    try:
+        assert (
+            client.get("/cds-services", headers={"Authorization": bearer(env.es384(aud=LOCAL_DISCOVERY))}).status_code
+            == 200
+        )
+        with postgres_cluster.outage(url.rsplit("/", 1)[1]):
+            response = client.get("/cds-services", headers={"Authorization": bearer(env.es384(aud=LOCAL_DISCOVERY))})
+            assert response.status_code == 503
+            assert response.mimetype == "application/json"
+            issue = response.get_json()["issue"][0]
+            assert issue["code"] == "transient"
+            assert "database is unavailable" in issue["diagnostics"]
+        assert (
+            client.get("/cds-services", headers={"Authorization": bearer(env.es384(aud=LOCAL_DISCOVERY))}).status_code
+            == 200
+        )
+    finally:
+        app.extensions["cmv_cds"]["store"].dispose()
+
+
 def test_http_failures_all_look_the_same(create_app: Callable[..., Any], app_config: dict[str, Any], env: Env) -> None:
     client = create_app(app_config).test_client()
     now = int(time.time())

@@ -13,10 +13,13 @@ service answers 412 (documented).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
     unsupported_method,
 )
+from sqlalchemy.exc import OperationalError
 from werkzeug.test import TestResponse
 
 from service.app import create_app
@@ -321,6 +325,7 @@ def test_per_operation_statuses_and_security() -> None:
         else:
             assert "security" not in operation, path  # the document-wide bearer requirement applies
             assert "WWW-Authenticate" in _resolve(operation["responses"]["401"])["headers"], path
+            assert "503" in statuses, path  # the JWT replay check needs the database
         if method == "post":
             assert {"400", "401", "404", "413", "415"} <= statuses, path
             assert operation["requestBody"]["required"] is True
@@ -435,6 +440,36 @@ def test_unexpected_error_is_a_documented_500(client: FlaskClient, monkeypatch: 
     ):
         assert response.status_code == 500
         check_documented(method, path, response)
+
+
+def test_database_outage_is_a_documented_503_and_hook_calls_go_on(tmp_path: Path) -> None:
+    """The SQLite file's directory disappears (a lost volume): a real outage, not a mock. Feedback and the
+    report need the database: 503 ``transient``. A hook call does not wait for it (issued cards are written
+    behind, service.store): it still answers its cards."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    app = make_app(volume)
+    store = app.extensions["cmv_cds"]["store"]
+    client = app.test_client()
+    feedback = {"feedback": [{"card": str(uuid.uuid4()), "outcome": "overridden", "outcomeTimestamp": NOW}]}
+    assert client.post(f"/cds-services/{SELECT_ID}/feedback", json=feedback).status_code == 200
+    shutil.rmtree(volume)
+    store.engine.dispose()  # pooled connections still hold the deleted file open; new ones cannot open it
+    try:
+        for method, path, response in (
+            ("POST", FEEDBACK, client.post(f"/cds-services/{SELECT_ID}/feedback", json=feedback)),
+            ("GET", "/cds-services/report", client.get("/cds-services/report")),
+        ):
+            assert response.status_code == 503, (path, response.get_data(as_text=True))
+            body = check_documented(method, path, response)
+            assert body["issue"][0]["code"] == "transient"
+            assert "database is unavailable" in body["issue"][0]["diagnostics"]
+        hook = client.post(f"/cds-services/{SELECT_ID}", json=gcv_request())
+        assert hook.status_code == 200
+        assert hook.get_json()["cards"]
+    finally:
+        with contextlib.suppress(OperationalError):
+            store.dispose()  # its queued issued cards cannot be written either
 
 
 def test_database_down_is_a_documented_503(app: Flask, client: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:

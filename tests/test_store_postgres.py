@@ -25,9 +25,6 @@ from service.store import FeedbackResult, FeedbackStore, IssuedCard
 pytestmark = pytest.mark.postgres
 
 SERVICE = "cmv-antiviral-order-select"
-TERMINATE_OTHERS = (
-    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()"
-)
 
 
 @pytest.fixture
@@ -115,8 +112,7 @@ def test_workers_storing_the_same_feedback_at_once(store: FeedbackStore, databas
 def test_connections_dropped_by_the_server_are_replaced(store: FeedbackStore, database: tuple[PgCluster, str]) -> None:
     cluster, name = database
     assert store.ping()  # a pooled connection now exists
-    with cluster.connect() as admin:
-        admin.execute(TERMINATE_OTHERS, (name,))
+    cluster.terminate_connections(name)
 
     # pool_pre_ping notices the dead connection and opens a new one: no error reaches the caller.
     assert store.store_feedback(SERVICE, [overridden(str(uuid.uuid4()))]).stored == 1
@@ -126,19 +122,14 @@ def test_connections_dropped_by_the_server_are_replaced(store: FeedbackStore, da
 def test_a_database_outage_raises_and_recovers(store: FeedbackStore, database: tuple[PgCluster, str]) -> None:
     cluster, name = database
     card = str(uuid.uuid4())
-    with cluster.connect() as admin:
-        admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(name)))
-        admin.execute(TERMINATE_OTHERS, (name,))
-        try:
-            assert store.ping() is False
-            with pytest.raises(OperationalError):
-                store.store_feedback(SERVICE, [overridden(card)])
-            with pytest.raises(OperationalError):
-                store.record_cards(SERVICE, "hook-1", [IssuedCard(card, "rule-a", "info", ())])
-            with pytest.raises(OperationalError):
-                store.list_feedback()
-        finally:
-            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name)))
+    with cluster.outage(name):
+        assert store.ping() is False
+        with pytest.raises(OperationalError):
+            store.store_feedback(SERVICE, [overridden(card)])
+        with pytest.raises(OperationalError):
+            store.record_cards(SERVICE, "hook-1", [IssuedCard(card, "rule-a", "info", ())])
+        with pytest.raises(OperationalError):
+            store.list_feedback()
 
     assert store.ping() is True
     assert store.store_feedback(SERVICE, [overridden(card)]).stored == 1
