@@ -50,6 +50,8 @@ COPY pyproject.toml ./
 COPY service/ service/
 COPY cards/ cards/
 COPY fhir_profiles/ fhir_profiles/
+# The synthetic example requests (no real patient data): listed by /preview, run by `cmv-cds demo NAME`.
+COPY examples/ examples/
 RUN python -m compileall -q service cards
 
 # Listen on all interfaces inside the container. The feedback store defaults to SQLite in the user's
@@ -62,8 +64,7 @@ ENV CMV_CDS_HOST=0.0.0.0 \
 USER 10001:10001
 EXPOSE 8080
 
-# NOTE: /healthz is not implemented yet (it is being added to service/app.py); until it is, this check
-# fails and the container reports "unhealthy" although it serves. /healthz must answer without a JWT.
+# /healthz answers without a JWT and without touching the database (liveness only; /readyz checks it).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
 

@@ -246,12 +246,17 @@ def test_dockerfile_env_names_are_settings() -> None:
     assert used <= fields, f"not settings: {sorted(used - fields)}"
 
 
+# What the image needs: the packages, the data they read next to them (cards.codes.FHIR_PROFILES_DIR,
+# service.preview.EXAMPLES_DIR) and pyproject.toml (the editable install).
+IMAGE_SOURCES = {"pyproject.toml", "service", "cards", "fhir_profiles", "examples"}
+
+
 def test_dockerfile_copies_only_what_the_image_needs() -> None:
     sources: set[str] = set()
     for instruction, args in dockerfile_instructions():
         if instruction == "COPY" and not args.startswith("--from"):
             sources.update(part.rstrip("/") for part in args.split()[:-1])
-    assert sources == {"pyproject.toml", "service", "cards", "fhir_profiles"}
+    assert sources == IMAGE_SOURCES
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
@@ -262,4 +267,4 @@ def test_dockerignore_keeps_the_context_small() -> None:
     ]
     assert lines[0] == "*"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "service", "cards", "fhir_profiles"}
+    assert allowed == IMAGE_SOURCES
