@@ -1,4 +1,5 @@
-"""FHIR fixture files for tests, with dates relative to the day the test runs.
+"""FHIR fixture files for tests, with dates relative to the day the test runs, and builders of more
+resources for the fixture patient.
 
 Fixture JSON may contain ``"$today"``, ``"$today-Nd"`` (N days ago) and ``"$birth-N"`` (a birth date
 that makes the patient N completed years old today, 30 days past the birthday).
@@ -51,6 +52,61 @@ def load(name: str, today: dt.date | None = None) -> Any:
 
 def patient_resources(today: dt.date | None = None, name: str = "adult-transplant-cmv.json") -> list[dict[str, Any]]:
     return [entry["resource"] for entry in load(name, today)["entry"]]
+
+
+def day(days_ago: int) -> str:
+    """The date ``days_ago`` days before today (ISO 8601)."""
+    return (dt.date.today() - dt.timedelta(days=days_ago)).isoformat()
+
+
+def observation(oid: str, loinc: str, value: float | None, unit: str, days_ago: int, **extra: Any) -> dict[str, Any]:
+    """A final Observation of the fixture patient (``value`` None: no valueQuantity; ``extra``: more elements)."""
+    resource: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": oid,
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": loinc}]},
+        "subject": {"reference": f"Patient/{PATIENT_ID}"},
+        "effectiveDateTime": day(days_ago),
+    }
+    if value is not None:
+        resource["valueQuantity"] = {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}
+    resource.update(extra)
+    return resource
+
+
+def condition(cid: str, text: str, snomed: str | None = None, severe: bool = False) -> dict[str, Any]:
+    """An active Condition of the fixture patient, recorded yesterday, with a SNOMED code if given."""
+    resource: dict[str, Any] = {
+        "resourceType": "Condition",
+        "id": cid,
+        "clinicalStatus": {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]
+        },
+        "code": {
+            "text": text,
+            **({"coding": [{"system": "http://snomed.info/sct", "code": snomed}]} if snomed else {}),
+        },
+        "subject": {"reference": f"Patient/{PATIENT_ID}"},
+        "recordedDate": day(1),
+    }
+    if severe:
+        resource["severity"] = {
+            "coding": [{"system": "http://snomed.info/sct", "code": "24484000", "display": "Severe"}]
+        }
+    return resource
+
+
+def dose_of(resource: dict[str, Any]) -> tuple[float, int, float, str]:
+    """A MedicationRequest's first dosage: (dose value, frequency, period, periodUnit)."""
+    dosage = resource["dosageInstruction"][0]
+    repeat = dosage["timing"]["repeat"]
+    return (
+        dosage["doseAndRate"][0]["doseQuantity"]["value"],
+        repeat["frequency"],
+        repeat["period"],
+        repeat["periodUnit"],
+    )
 
 
 def searchset(resources: list[dict[str, Any]]) -> dict[str, Any]:

@@ -3,7 +3,8 @@ free loopback port, hand out fresh databases, stop it and delete everything afte
 
 Use the module-scoped ``postgres_cluster`` fixture (import it into the test module) or the
 ``running_cluster()`` context manager. Each test should take its own database from
-``PgCluster.create_database()``, which returns a SQLAlchemy URL.
+``PgCluster.create_database()``, which returns a SQLAlchemy URL. For code that runs on both backends,
+the ``database_url`` and ``store`` fixtures give a SQLite file, then a fresh PostgreSQL database.
 
 PostgreSQL refuses to run as root (``initdb``: "cannot be run as root"). When the tests run as root,
 as they do on the development machines and in CI, the server commands are started as an unprivileged
@@ -32,11 +33,14 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
 from psycopg import sql
+
+if TYPE_CHECKING:
+    from service.store import FeedbackStore
 
 HOST = "127.0.0.1"
 SUPERUSER = "postgres"
@@ -150,6 +154,29 @@ def postgres_cluster() -> Iterator[PgCluster]:
     """One throwaway cluster per test module."""
     with running_cluster() as cluster:
         yield cluster
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of an empty database on each backend: a SQLite file, then a database on ``postgres_cluster``.
+
+    Import ``postgres_cluster`` into the test module too: it is requested by name, only for the second.
+    """
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'feedback.sqlite3'}"
+    cluster: PgCluster = request.getfixturevalue("postgres_cluster")
+    return cluster.create_database()
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[FeedbackStore]:
+    """A feedback store with its schema, on ``database_url``."""
+    from service.store import FeedbackStore  # imported here: test_auth uses this module and copes without it
+
+    feedback_store = FeedbackStore(database_url)
+    feedback_store.create_schema()
+    yield feedback_store
+    feedback_store.dispose()
 
 
 def free_port() -> int:

@@ -11,7 +11,6 @@ import dataclasses
 import importlib
 import json
 import logging
-import sys
 import threading
 import time
 import uuid
@@ -22,13 +21,9 @@ from typing import Any
 import jwt
 import pytest
 import sqlalchemy as sa
+from concurrency import run_concurrently
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
-REPO_DIR = Path(__file__).resolve().parents[1]
-if str(REPO_DIR) not in sys.path:  # the repo is not installed into the virtualenv
-    sys.path.insert(0, str(REPO_DIR))
-
-from jwt_support import (  # noqa: E402
+from jwt_support import (
     AUDIENCE,
     ISSUER,
     FakeClock,
@@ -45,20 +40,20 @@ from jwt_support import (  # noqa: E402
     rsa_2048_key,
     running_jwks_server,
 )
-from pg_cluster import PgCluster  # noqa: E402
-from pg_cluster import postgres_cluster as postgres_cluster  # noqa: E402  (fixture, requested by name)
+from pg_cluster import PgCluster
+from pg_cluster import postgres_cluster as postgres_cluster  # fixture, requested by name
 
-from service.auth import (  # noqa: E402
+from service.auth import (
     GENERIC_FAILURE,
     JwtAuthenticator,
     NoTrustedIssuers,
     build_authenticator,
     load_trusted_issuers,
 )
-from service.config import ConfigError, Settings  # noqa: E402
-from service.errors import Unauthorized  # noqa: E402
-from service.jwt_replay import JtiReplayCache, jti_key  # noqa: E402
-from service.logs import JsonFormatter  # noqa: E402
+from service.config import ConfigError, Settings
+from service.errors import Unauthorized
+from service.jwt_replay import JtiReplayCache, jti_key
+from service.logs import JsonFormatter
 
 JWKS_PATH = "/ehr/jwks.json"
 OTHER_ISSUER = "https://other-ehr.example.net"
@@ -560,26 +555,20 @@ def test_replay_claim_is_atomic_across_workers(backend: str, tmp_path: Path, req
     else:
         url = f"sqlite:///{tmp_path / 'replay.db'}"
     engines = [replay_engine(backend, url) for _ in range(6)]
-    start = threading.Barrier(len(engines))
+    claim = threading.Barrier(len(engines))  # a second start line: every table made, then all claim at once
     outcomes: list[bool] = []
-    errors: list[BaseException] = []
     exp = time.time() + 300
 
-    def worker(engine: sa.Engine) -> None:
-        try:
-            start.wait(timeout=10)
+    def worker(engine: sa.Engine) -> Callable[[], None]:
+        def work() -> None:
             cache = JtiReplayCache(engine)
-            start.wait(timeout=10)
+            claim.wait(timeout=10)
             outcomes.append(cache.check_and_store(ISSUER, "same-jti", exp))
             outcomes.append(cache.check_and_store(ISSUER, f"own-{uuid.uuid4()}", exp))
-        except BaseException as exc:
-            errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(engine,)) for engine in engines]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+        return work
+
+    errors = run_concurrently([worker(engine) for engine in engines])
     for engine in engines:
         engine.dispose()
     assert errors == []

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fhir.resources.R4B.valueset import ValueSet
 
-REPO_DIR = Path(__file__).resolve().parents[1]
-if str(REPO_DIR) not in sys.path:  # the repo is not installed into the virtualenv
-    sys.path.insert(0, str(REPO_DIR))
-
-from fhir.resources.R4B.valueset import ValueSet  # noqa: E402
-
-from cards.codes import (  # noqa: E402
+from cards.codes import (
     FHIR_PROFILES_DIR,
     ICD10,
     ICD10CM,
@@ -33,9 +27,10 @@ from cards.codes import (  # noqa: E402
     load_code_sets,
 )
 
+REPO_DIR = Path(__file__).resolve().parents[1]
 VALUESETS_DIR = FHIR_PROFILES_DIR / "valuesets"
 VALUESET_FILES = sorted(VALUESETS_DIR.glob("ValueSet-*.json"))
-SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+SHARED_DIR = REPO_DIR.parent / "shared"
 REFERENCE_DIR = SHARED_DIR / "reference"
 
 EXPECTED_NAMES = {

@@ -19,6 +19,25 @@ from cards.regimen import Regimen, compute
 
 TODAY = dt.date(2026, 11, 22)
 
+FOSCARNET_BANDS = (  # clinical.md §3.2 Table 13, the recommended bands of every column
+    "> 1.4 mL/min/kg",
+    "(1, 1.4] mL/min/kg",
+    "(0.8, 1] mL/min/kg",
+    "(0.6, 0.8] mL/min/kg",
+    "(0.5, 0.6] mL/min/kg",
+    "[0.4, 0.5] mL/min/kg",
+)
+
+
+def _foscarnet_column(phase: str, column: str, doses: list[tuple[int, int]]) -> list[tuple[Any, ...]]:
+    """One column of Table 13: (mg/kg, every N hours) per band of ``FOSCARNET_BANDS``, then < 0.4 not recommended."""
+    rows: list[tuple[Any, ...]] = [
+        (phase, column, band, mg_per_kg, 1, hours, "h")
+        for band, (mg_per_kg, hours) in zip(FOSCARNET_BANDS, doses, strict=True)
+    ]
+    return [*rows, (phase, column, "< 0.4 mL/min/kg", None, None, None, None)]
+
+
 # (phase, column, band label, mg/kg or fixed mg, frequency, period, periodUnit) — None schedule: not recommended.
 LABEL_TABLES: dict[str, list[tuple[Any, ...]]] = {
     "ganciclovir": [  # clinical.md §1.2 Table 1
@@ -46,70 +65,16 @@ LABEL_TABLES: dict[str, list[tuple[Any, ...]]] = {
         ("maintenance", "label", "< 10 mL/min", None, None, None, None),
     ],
     "foscarnet": [  # clinical.md §3.2 Table 13, mL/min/kg
-        *[
-            ("induction", dosing.FOS_IND_60, band, d, 1, h, "h")
-            for band, (d, h) in zip(
-                [
-                    "> 1.4 mL/min/kg",
-                    "(1, 1.4] mL/min/kg",
-                    "(0.8, 1] mL/min/kg",
-                    "(0.6, 0.8] mL/min/kg",
-                    "(0.5, 0.6] mL/min/kg",
-                    "[0.4, 0.5] mL/min/kg",
-                ],
-                [(60, 8), (45, 8), (50, 12), (40, 12), (60, 24), (50, 24)],
-                strict=True,
-            )
-        ],
-        ("induction", dosing.FOS_IND_60, "< 0.4 mL/min/kg", None, None, None, None),
-        *[
-            ("induction", dosing.FOS_IND_90, band, d, 1, h, "h")
-            for band, (d, h) in zip(
-                [
-                    "> 1.4 mL/min/kg",
-                    "(1, 1.4] mL/min/kg",
-                    "(0.8, 1] mL/min/kg",
-                    "(0.6, 0.8] mL/min/kg",
-                    "(0.5, 0.6] mL/min/kg",
-                    "[0.4, 0.5] mL/min/kg",
-                ],
-                [(90, 12), (70, 12), (50, 12), (80, 24), (60, 24), (50, 24)],
-                strict=True,
-            )
-        ],
-        ("induction", dosing.FOS_IND_90, "< 0.4 mL/min/kg", None, None, None, None),
-        *[
-            ("maintenance", dosing.FOS_MAINT_90, band, d, 1, h, "h")
-            for band, (d, h) in zip(
-                [
-                    "> 1.4 mL/min/kg",
-                    "(1, 1.4] mL/min/kg",
-                    "(0.8, 1] mL/min/kg",
-                    "(0.6, 0.8] mL/min/kg",
-                    "(0.5, 0.6] mL/min/kg",
-                    "[0.4, 0.5] mL/min/kg",
-                ],
-                [(90, 24), (70, 24), (50, 24), (80, 48), (60, 48), (50, 48)],
-                strict=True,
-            )
-        ],
-        ("maintenance", dosing.FOS_MAINT_90, "< 0.4 mL/min/kg", None, None, None, None),
-        *[
-            ("maintenance", dosing.FOS_MAINT_120, band, d, 1, h, "h")
-            for band, (d, h) in zip(
-                [
-                    "> 1.4 mL/min/kg",
-                    "(1, 1.4] mL/min/kg",
-                    "(0.8, 1] mL/min/kg",
-                    "(0.6, 0.8] mL/min/kg",
-                    "(0.5, 0.6] mL/min/kg",
-                    "[0.4, 0.5] mL/min/kg",
-                ],
-                [(120, 24), (90, 24), (65, 24), (105, 48), (80, 48), (65, 48)],
-                strict=True,
-            )
-        ],
-        ("maintenance", dosing.FOS_MAINT_120, "< 0.4 mL/min/kg", None, None, None, None),
+        *_foscarnet_column("induction", dosing.FOS_IND_60, [(60, 8), (45, 8), (50, 12), (40, 12), (60, 24), (50, 24)]),
+        *_foscarnet_column(
+            "induction", dosing.FOS_IND_90, [(90, 12), (70, 12), (50, 12), (80, 24), (60, 24), (50, 24)]
+        ),
+        *_foscarnet_column(
+            "maintenance", dosing.FOS_MAINT_90, [(90, 24), (70, 24), (50, 24), (80, 48), (60, 48), (50, 48)]
+        ),
+        *_foscarnet_column(
+            "maintenance", dosing.FOS_MAINT_120, [(120, 24), (90, 24), (65, 24), (105, 48), (80, 48), (65, 48)]
+        ),
     ],
     "cidofovir": [  # clinical.md §4
         ("induction", "label", "> 55 mL/min", 5.0, 1, 1, "wk"),

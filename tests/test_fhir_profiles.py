@@ -21,7 +21,7 @@ from typing import Any
 import jsonschema
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
-from fhir_fixtures import PATIENT_ID, load, patient_resources
+from fhir_fixtures import PATIENT_ID, condition, load, observation, patient_resources
 from fhir_server_fixture import FHIR_SCHEMA, NPM_COMMAND
 
 from cards import dosing, fhir_out, rules
@@ -175,36 +175,6 @@ def proposed_profile() -> dict[str, Any]:
 # --- scenarios that make the rules propose resources ----------------------------------------------------------
 
 
-def _obs(oid: str, loinc: str, value: float, unit: str, days_ago: int) -> dict[str, Any]:
-    return {
-        "resourceType": "Observation",
-        "id": oid,
-        "status": "final",
-        "code": {"coding": [{"system": "http://loinc.org", "code": loinc}]},
-        "subject": {"reference": f"Patient/{PATIENT_ID}"},
-        "effectiveDateTime": (TODAY - dt.timedelta(days=days_ago)).isoformat(),
-        "valueQuantity": {"value": value, "unit": unit, "system": UCUM, "code": unit},
-    }
-
-
-def _cond(cid: str, text: str, snomed: str | None = None, severe: bool = False) -> dict[str, Any]:
-    resource: dict[str, Any] = {
-        "resourceType": "Condition",
-        "id": cid,
-        "clinicalStatus": {
-            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]
-        },
-        "code": {
-            "text": text,
-            **({"coding": [{"system": "http://snomed.info/sct", "code": snomed}]} if snomed else {}),
-        },
-        "subject": {"reference": f"Patient/{PATIENT_ID}"},
-    }
-    if severe:
-        resource["severity"] = {"coding": [{"system": "http://snomed.info/sct", "code": "24484000"}]}
-    return resource
-
-
 def _iv_ganciclovir_since(days: int) -> dict[str, Any]:
     start = (TODAY - dt.timedelta(days=days)).isoformat()
     return {
@@ -242,17 +212,17 @@ def _run(drafts: list[dict[str, Any]], drop: tuple[str, ...] = (), add: tuple[di
     return evaluate(request, ClinicalOptions())
 
 
-PROTEIN = _obs("obs-up", "2888-6", 20, "mg/dL", 0)
+PROTEIN = observation("obs-up", "2888-6", 20, "mg/dL", 0)
 SCENARIOS: dict[str, Callable[[], list[Card]]] = {
     "ganciclovir dose adjusted": lambda: _run([_draft("ganciclovir", 500)]),
     "ganciclovir maintenance, dose adjusted": lambda: _run(
         [_draft("ganciclovir", 500, note=[{"text": "maintenance therapy"}])]
     ),
     "ganciclovir on hemodialysis (3 times weekly)": lambda: _run(
-        [_draft("ganciclovir", 500)], add=(_cond("cond-hd", "ESRD on hemodialysis", "105502003"),)
+        [_draft("ganciclovir", 500)], add=(condition("cond-hd", "ESRD on hemodialysis", "105502003"),)
     ),
     "valganciclovir dose adjusted (CrCl 48)": lambda: _run(
-        [_draft("valganciclovir")], drop=("obs-scr",), add=(_obs("obs-scr-2", "2160-0", 2.0, "mg/dL", 0),)
+        [_draft("valganciclovir")], drop=("obs-scr",), add=(observation("obs-scr-2", "2160-0", 2.0, "mg/dL", 0),)
     ),
     "foscarnet dose completed": lambda: _run([_draft("foscarnet")]),
     "cidofovir dose adjusted, probenecid and saline": lambda: _run([_draft("cidofovir", 500)], add=(PROTEIN,)),
@@ -273,34 +243,35 @@ SCENARIOS: dict[str, Callable[[], list[Card]]] = {
         ]
     ),
     "myelosuppression": lambda: _run(
-        [_draft("ganciclovir")], drop=("obs-anc",), add=(_obs("obs-anc-low", "751-8", 400, "/uL", 0),)
+        [_draft("ganciclovir")], drop=("obs-anc",), add=(observation("obs-anc-low", "751-8", 400, "/uL", 0),)
     ),
     "resistance": lambda: _run(
-        [_draft("ganciclovir")], add=(_iv_ganciclovir_since(20), _obs("obs-vl-0", "72493-0", 5000, "[IU]/mL", 21))
+        [_draft("ganciclovir")],
+        add=(_iv_ganciclovir_since(20), observation("obs-vl-0", "72493-0", 5000, "[IU]/mL", 21)),
     ),
     "cns combination with ganciclovir": lambda: _run(
-        [_draft("ganciclovir")], add=(_cond("cond-cns", "CMV encephalitis"),)
+        [_draft("ganciclovir")], add=(condition("cond-cns", "CMV encephalitis"),)
     ),
     "cns combination with valganciclovir": lambda: _run(
-        [_draft("valganciclovir")], add=(_cond("cond-cns", "CMV encephalitis"),)
+        [_draft("valganciclovir")], add=(condition("cond-cns", "CMV encephalitis"),)
     ),
     "valganciclovir to IV (severe pneumonitis)": lambda: _run(
-        [_draft("valganciclovir")], add=(_cond("cond-pneu", "CMV pneumonitis", "28944009", severe=True),)
+        [_draft("valganciclovir")], add=(condition("cond-pneu", "CMV pneumonitis", "28944009", severe=True),)
     ),
     "valganciclovir to IV (dialysis)": lambda: _run(
-        [_draft("valganciclovir")], add=(_cond("cond-hd", "ESRD on hemodialysis", "105502003"),)
+        [_draft("valganciclovir")], add=(condition("cond-hd", "ESRD on hemodialysis", "105502003"),)
     ),
     "IV to oral step-down": lambda: _run(
         [_draft("ganciclovir", 400)],
         drop=("obs-vl-2",),
-        add=(_iv_ganciclovir_since(5), _obs("obs-vl-3", "72493-0", 3000, "[IU]/mL", 1)),
+        add=(_iv_ganciclovir_since(5), observation("obs-vl-3", "72493-0", 3000, "[IU]/mL", 1)),
     ),
     "missing creatinine: lab order": lambda: _run([_draft("ganciclovir")], drop=("obs-scr", "obs-scr-old")),
     "missing urine protein (cidofovir): lab order": lambda: _run([_draft("cidofovir")]),
     "stale creatinine: repeat order": lambda: _run(
         [_draft("ganciclovir")],
         drop=("obs-scr", "obs-scr-old"),
-        add=(_obs("obs-scr-stale", "2160-0", 1.0, "mg/dL", 9),),
+        add=(observation("obs-scr-stale", "2160-0", 1.0, "mg/dL", 9),),
     ),
 }
 # Every rule that proposes resources must be exercised by the scenarios above.

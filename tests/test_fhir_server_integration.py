@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import requests
-from fhir_fixtures import PATIENT_ID, load, order_select, patient_resources, prefetch_for
+from fhir_fixtures import PATIENT_ID, dose_of, load, order_select, patient_resources, prefetch_for
 from fhir_server_fixture import FhirTestServer
 from fhir_server_fixture import fhir_server as fhir_server  # the module-scoped fixture
 from flask import Flask
@@ -103,17 +103,6 @@ def one(cards: list[dict[str, Any]], rule: str) -> dict[str, Any]:
     found = [card for card in cards if card["source"]["topic"]["code"] == rule]
     assert len(found) == 1, topics(cards)
     return found[0]
-
-
-def dose_of(resource: dict[str, Any]) -> tuple[float, int, float, str]:
-    dosage = resource["dosageInstruction"][0]
-    repeat = dosage["timing"]["repeat"]
-    return (
-        dosage["doseAndRate"][0]["doseQuantity"]["value"],
-        repeat["frequency"],
-        repeat["period"],
-        repeat["periodUnit"],
-    )
 
 
 def assert_dose_card(cards: list[dict[str, Any]]) -> None:

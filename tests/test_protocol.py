@@ -711,6 +711,16 @@ def _issued_card(client: FlaskClient) -> tuple[str, str]:
     return card["uuid"], card["suggestions"][0]["uuid"]
 
 
+def _accepted(card_uuid: str, suggestion_uuid: str) -> dict[str, Any]:
+    """The feedback item for a card whose suggestion was accepted."""
+    return {
+        "card": card_uuid,
+        "outcome": "accepted",
+        "acceptedSuggestions": [{"id": suggestion_uuid}],
+        "outcomeTimestamp": NOW,
+    }
+
+
 def post_feedback(client: FlaskClient, body: Any, service_id: str = SELECT_ID) -> dict[str, Any]:
     response = client.post(f"/cds-services/{service_id}/feedback", json=body)
     assert response.status_code == 200, response.get_data(as_text=True)
@@ -721,12 +731,7 @@ def post_feedback(client: FlaskClient, body: Any, service_id: str = SELECT_ID) -
 
 def test_feedback_accepted_is_stored_against_the_issued_card(client: FlaskClient, store_of: FeedbackStore) -> None:
     card_uuid, suggestion_uuid = _issued_card(client)
-    item = {
-        "card": card_uuid,
-        "outcome": "accepted",
-        "acceptedSuggestions": [{"id": suggestion_uuid}],
-        "outcomeTimestamp": NOW,
-    }
+    item = _accepted(card_uuid, suggestion_uuid)
     assert post_feedback(client, {"feedback": [item]}) == {"stored": 1, "unknownCards": 0}
     (row,) = store_of.list_feedback()
     assert (row.card_uuid, row.service_id, row.outcome) == (card_uuid, SELECT_ID, "accepted")
@@ -777,12 +782,7 @@ def test_feedback_for_a_card_of_the_other_service_is_unknown(client: FlaskClient
 
 def test_repeated_feedback_is_not_duplicated(client: FlaskClient, store_of: FeedbackStore) -> None:
     card_uuid, suggestion_uuid = _issued_card(client)
-    item = {
-        "card": card_uuid,
-        "outcome": "accepted",
-        "acceptedSuggestions": [{"id": suggestion_uuid}],
-        "outcomeTimestamp": NOW,
-    }
+    item = _accepted(card_uuid, suggestion_uuid)
     assert post_feedback(client, {"feedback": [item]}) == {"stored": 1, "unknownCards": 0}
     assert post_feedback(client, {"feedback": [item]}) == {"stored": 0, "unknownCards": 0}
     assert post_feedback(client, {"feedback": [item, copy.deepcopy(item)]})["stored"] == 0

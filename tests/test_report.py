@@ -15,8 +15,9 @@ from fhir_fixtures import load, order_select, patient_resources, prefetch_for
 from flask import Flask
 from flask.testing import FlaskClient
 from jwt_support import claims, ec_p384_key, jwks, mint, public_jwk
-from pg_cluster import PgCluster
-from pg_cluster import postgres_cluster as postgres_cluster  # fixture, requested by name
+from pg_cluster import database_url as database_url  # fixtures, requested by name (SQLite, then PostgreSQL)
+from pg_cluster import postgres_cluster as postgres_cluster
+from pg_cluster import store as store
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 from test_openapi import check_documented
@@ -45,22 +46,6 @@ def overridden(card: str, reason: dict[str, str] | None = None, at: str = "2026-
     if reason is not None:
         item["overrideReason"] = {"reason": reason, "userComment": "Patient-specific comment: never reported"}
     return item
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'report.sqlite3'}"
-    cluster: PgCluster = request.getfixturevalue("postgres_cluster")
-    return cluster.create_database()
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[FeedbackStore]:
-    feedback_store = FeedbackStore(database_url)
-    feedback_store.create_schema()
-    yield feedback_store
-    feedback_store.dispose()
 
 
 class Issued:

@@ -13,7 +13,16 @@ from typing import Any
 import pytest
 from fhir.resources.R4B.medicationrequest import MedicationRequest
 from fhir.resources.R4B.servicerequest import ServiceRequest
-from fhir_fixtures import load, order_select, patient_resources, prefetch_for
+from fhir_fixtures import (
+    condition,
+    day,
+    dose_of,
+    load,
+    observation,
+    order_select,
+    patient_resources,
+    prefetch_for,
+)
 from flask.testing import FlaskClient
 
 from service.validation import is_valid
@@ -21,46 +30,6 @@ from service.validation import is_valid
 URL = "/cds-services/cmv-antiviral-order-select"
 TODAY = dt.date.today()
 R4B_MODELS: dict[str, Any] = {"MedicationRequest": MedicationRequest, "ServiceRequest": ServiceRequest}
-
-
-def day(days_ago: int) -> str:
-    return (TODAY - dt.timedelta(days=days_ago)).isoformat()
-
-
-def obs(oid: str, loinc: str, value: float | None, unit: str, days_ago: int, **extra: Any) -> dict[str, Any]:
-    resource: dict[str, Any] = {
-        "resourceType": "Observation",
-        "id": oid,
-        "status": "final",
-        "code": {"coding": [{"system": "http://loinc.org", "code": loinc}]},
-        "subject": {"reference": "Patient/pat-cmv-1"},
-        "effectiveDateTime": day(days_ago),
-    }
-    if value is not None:
-        resource["valueQuantity"] = {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}
-    resource.update(extra)
-    return resource
-
-
-def cond(cid: str, text: str, snomed: str | None = None, severe: bool = False) -> dict[str, Any]:
-    resource: dict[str, Any] = {
-        "resourceType": "Condition",
-        "id": cid,
-        "clinicalStatus": {
-            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]
-        },
-        "code": {
-            "text": text,
-            **({"coding": [{"system": "http://snomed.info/sct", "code": snomed}]} if snomed else {}),
-        },
-        "subject": {"reference": "Patient/pat-cmv-1"},
-        "recordedDate": day(1),
-    }
-    if severe:
-        resource["severity"] = {
-            "coding": [{"system": "http://snomed.info/sct", "code": "24484000", "display": "Severe"}]
-        }
-    return resource
 
 
 def med(mid: str, text: str, started_days_ago: int, route: str | None = None, status: str = "active") -> dict[str, Any]:
@@ -129,17 +98,6 @@ def one(cards: list[dict[str, Any]], rule: str) -> dict[str, Any]:
 def actions(card: dict[str, Any], index: int = 0) -> list[dict[str, Any]]:
     result: list[dict[str, Any]] = card["suggestions"][index]["actions"]
     return result
-
-
-def dose_of(resource: dict[str, Any]) -> tuple[float, int, float, str]:
-    dosage = resource["dosageInstruction"][0]
-    repeat = dosage["timing"]["repeat"]
-    return (
-        dosage["doseAndRate"][0]["doseQuantity"]["value"],
-        repeat["frequency"],
-        repeat["period"],
-        repeat["periodUnit"],
-    )
 
 
 def drug_text(resource: dict[str, Any]) -> str:
@@ -220,7 +178,7 @@ def test_no_dose_without_creatinine_and_the_lab_is_proposed(client: FlaskClient)
 
 
 def test_unknown_creatinine_unit_is_missing_not_guessed(client: FlaskClient) -> None:
-    weird = obs("obs-scr-mmol", "2160-0", 0.09, "mmol/L", 0)
+    weird = observation("obs-scr-mmol", "2160-0", 0.09, "mmol/L", 0)
     cards = call(client, [gcv_draft()], patient_data(add=(weird,)))
     card = one(cards, "dose-missing-data")
     assert "mmol/L" in card["detail"]
@@ -228,7 +186,7 @@ def test_unknown_creatinine_unit_is_missing_not_guessed(client: FlaskClient) -> 
 
 def test_stale_creatinine_is_used_flagged_and_a_repeat_proposed(client: FlaskClient) -> None:
     """policy.md §2: SCr older than 7 days → used, the card shows its date, a repeat is suggested."""
-    stale = obs("obs-scr-stale", "2160-0", 1.0, "mg/dL", 9)
+    stale = observation("obs-scr-stale", "2160-0", 1.0, "mg/dL", 9)
     cards = call(client, [gcv_draft()], patient_data(drop=("obs-scr", "obs-scr-old"), add=(stale,)))
     card = one(cards, "dose-adjust")
     assert "STALE" in card["detail"]
@@ -252,10 +210,10 @@ def test_under_18_gets_one_info_card_and_no_dose(client: FlaskClient) -> None:
 @pytest.mark.parametrize(
     ("extra", "reason"),
     [
-        ((cond("cond-severe", "CMV disease", snomed="28944009", severe=True),), "severe"),
-        ((obs("obs-vl-high", "72493-0", 250000, "[IU]/mL", 0),), "viral load"),
-        ((cond("cond-pneu", "CMV pneumonitis"),), "pneumonitis"),
-        ((cond("cond-npo", "Postoperative ileus, NPO"),), "absorption"),
+        ((condition("cond-severe", "CMV disease", snomed="28944009", severe=True),), "severe"),
+        ((observation("obs-vl-high", "72493-0", 250000, "[IU]/mL", 0),), "viral load"),
+        ((condition("cond-pneu", "CMV pneumonitis"),), "pneumonitis"),
+        ((condition("cond-npo", "Postoperative ileus, NPO"),), "absorption"),
     ],
 )
 def test_oral_valganciclovir_steered_to_iv_ganciclovir(
@@ -283,7 +241,7 @@ def test_oral_valganciclovir_steered_to_iv_ganciclovir(
 
 def test_valganciclovir_in_dialysis_goes_to_the_hemodialysis_ganciclovir_row(client: FlaskClient) -> None:
     """clinical.md §2.2: valganciclovir not for HD; ganciclovir 1.25 mg/kg 3×/week after HD = 100 mg."""
-    hd = cond("cond-hd", "ESRD on hemodialysis", snomed="105502003")
+    hd = condition("cond-hd", "ESRD on hemodialysis", snomed="105502003")
     cards = call(client, [load("draft-valganciclovir.json")], patient_data(add=(hd,)))
     card = one(cards, "valganciclovir-to-iv")
     assert card["indicator"] == "critical"
@@ -293,7 +251,7 @@ def test_valganciclovir_in_dialysis_goes_to_the_hemodialysis_ganciclovir_row(cli
 
 def test_myelosuppression_is_critical_and_proposes_foscarnet(client: FlaskClient) -> None:
     """ANC 400 < 500/µL → avoid ganciclovir; foscarnet 90-column, CrCl 1.19 mL/min/kg → 70 mg/kg q12h = 5600 mg."""
-    low_anc = obs("obs-anc-low", "751-8", 400, "/uL", 0)
+    low_anc = observation("obs-anc-low", "751-8", 400, "/uL", 0)
     cards = call(client, [gcv_draft()], patient_data(drop=("obs-anc",), add=(low_anc,)))
     card = one(cards, "myelosuppression")
     assert card["indicator"] == "critical"
@@ -307,20 +265,24 @@ def test_myelosuppression_is_critical_and_proposes_foscarnet(client: FlaskClient
 
 @pytest.mark.parametrize(("loinc", "value", "unit"), [("777-3", 20, "10*3/uL"), ("718-7", 7.5, "g/dL")])
 def test_platelet_and_hemoglobin_thresholds(client: FlaskClient, loinc: str, value: float, unit: str) -> None:
-    low = obs("obs-low", loinc, value, unit, 0)
+    low = observation("obs-low", loinc, value, unit, 0)
     drop = {"777-3": "obs-plt", "718-7": "obs-hgb"}[loinc]
     cards = call(client, [gcv_draft()], patient_data(drop=(drop,), add=(low,)))
     assert one(cards, "myelosuppression")["indicator"] == "critical"
 
 
 def test_counts_at_the_threshold_are_not_myelosuppression(client: FlaskClient) -> None:
-    edge = (obs("a", "751-8", 500, "/uL", 0), obs("p", "777-3", 25000, "/uL", 0), obs("h", "718-7", 8.0, "g/dL", 0))
+    edge = (
+        observation("a", "751-8", 500, "/uL", 0),
+        observation("p", "777-3", 25000, "/uL", 0),
+        observation("h", "718-7", 8.0, "g/dL", 0),
+    )
     cards = call(client, [gcv_draft()], patient_data(drop=("obs-anc", "obs-plt", "obs-hgb"), add=edge))
     assert "myelosuppression" not in [topic(c) for c in cards]
 
 
 def test_cns_disease_proposes_ganciclovir_plus_foscarnet(client: FlaskClient) -> None:
-    cards = call(client, [gcv_draft()], patient_data(add=(cond("cond-cns", "CMV encephalitis"),)))
+    cards = call(client, [gcv_draft()], patient_data(add=(condition("cond-cns", "CMV encephalitis"),)))
     card = one(cards, "cns-combination")
     kinds = [(a["type"], drug_text(a["resource"])) for a in actions(card)]
     assert kinds == [("update", "ganciclovir 500 mg injection"), ("create", "foscarnet")]
@@ -332,7 +294,7 @@ def test_cns_with_both_drugs_selected_checks_each_dose_instead(client: FlaskClie
     cards = call(
         client,
         [gcv_draft(), fos],
-        patient_data(add=(cond("cond-cns", "CMV encephalitis"),)),
+        patient_data(add=(condition("cond-cns", "CMV encephalitis"),)),
         selections=["MedicationRequest/draft-gcv", "MedicationRequest/draft-fos"],
     )
     assert "cns-combination" not in [topic(c) for c in cards]
@@ -346,7 +308,7 @@ def test_suspected_resistance_by_viral_load_kinetics(client: FlaskClient) -> Non
     """On IV ganciclovir for 20 days; viral load 5,000 at start, 24,500 now → genotype + foscarnet."""
     extra = (
         med("med-gcv", "ganciclovir 400 mg IV q12h", 20, route="IV"),
-        obs("obs-vl-0", "72493-0", 5000, "[IU]/mL", 21),
+        observation("obs-vl-0", "72493-0", 5000, "[IU]/mL", 21),
     )
     cards = call(client, [gcv_draft()], patient_data(add=extra))
     card = one(cards, "resistance")
@@ -360,13 +322,13 @@ def test_suspected_resistance_by_viral_load_kinetics(client: FlaskClient) -> Non
 def test_resistance_by_reported_mutation(client: FlaskClient) -> None:
     """A UL97 mutation on the problem list. (Genotype Observations have no LOINC code in the reference, so the
     prefetch cannot ask for them; a resistance diagnosis reaches the service through the conditions key.)"""
-    resistant = cond("cond-res", "Ganciclovir-resistant CMV infection (UL97 M460V)")
+    resistant = condition("cond-res", "Ganciclovir-resistant CMV infection (UL97 M460V)")
     cards = call(client, [gcv_draft()], patient_data(add=(resistant,)))
     assert "ganciclovir-resistant CMV" in one(cards, "resistance")["detail"]
 
 
 def test_falling_viral_load_is_not_resistance(client: FlaskClient) -> None:
-    extra = (med("med-gcv", "ganciclovir IV", 20, route="IV"), obs("obs-vl-0", "72493-0", 90000, "[IU]/mL", 21))
+    extra = (med("med-gcv", "ganciclovir IV", 20, route="IV"), observation("obs-vl-0", "72493-0", 90000, "[IU]/mL", 21))
     cards = call(client, [gcv_draft()], patient_data(add=extra))
     assert "resistance" not in [topic(c) for c in cards]
 
@@ -384,7 +346,7 @@ def test_foscarnet_dose_with_hydration(client: FlaskClient) -> None:
 
 def test_foscarnet_below_0_4_ml_min_kg_is_not_recommended(client: FlaskClient) -> None:
     """SCr 3.2 → (140−54)/(72×3.2) = 0.37 mL/min/kg < 0.4 → critical, no foscarnet proposed."""
-    high = obs("obs-scr-high", "2160-0", 3.2, "mg/dL", 0)
+    high = observation("obs-scr-high", "2160-0", 3.2, "mg/dL", 0)
     cards = call(client, [load("draft-foscarnet.json")], patient_data(drop=("obs-scr",), add=(high,)))
     card = one(cards, "foscarnet-not-recommended")
     assert card["indicator"] == "critical"
@@ -401,9 +363,9 @@ def test_foscarnet_below_0_4_ml_min_kg_is_not_recommended(client: FlaskClient) -
     ],
 )
 def test_cidofovir_contraindications(client: FlaskClient, change: dict[str, Any], reason: str) -> None:
-    scr = obs("obs-scr-c", "2160-0", change.get("scr", 1.0), "mg/dL", 0)
-    protein = obs("obs-up", "2888-6", change.get("protein", 20), "mg/dL", 0)
-    weight = obs("obs-w", "29463-7", change.get("weight", 80.0), "kg", 0)
+    scr = observation("obs-scr-c", "2160-0", change.get("scr", 1.0), "mg/dL", 0)
+    protein = observation("obs-up", "2888-6", change.get("protein", 20), "mg/dL", 0)
+    weight = observation("obs-w", "29463-7", change.get("weight", 80.0), "kg", 0)
     extra: list[dict[str, Any]] = [scr, protein, weight]
     if change.get("nephrotoxic"):
         extra.append(
@@ -423,7 +385,7 @@ def test_cidofovir_contraindications(client: FlaskClient, change: dict[str, Any]
 
 
 def test_eligible_cidofovir_comes_with_probenecid_and_saline(client: FlaskClient) -> None:
-    protein = obs("obs-up", "2888-6", 20, "mg/dL", 0)
+    protein = observation("obs-up", "2888-6", 20, "mg/dL", 0)
     cards = call(client, [load("draft-cidofovir.json")], patient_data(add=(protein,)))
     card = one(cards, "cidofovir-probenecid-hydration")
     probenecid, saline = (a["resource"] for a in actions(card))
@@ -446,7 +408,7 @@ def test_eligible_cidofovir_comes_with_probenecid_and_saline(client: FlaskClient
 
 def test_iv_to_oral_step_down_offered(client: FlaskClient) -> None:
     """≥ 3 days of IV ganciclovir, viral load falling, no steer reason → valganciclovir 900 mg BID offered."""
-    extra = (med("med-gcv", "ganciclovir IV", 5, route="IV"), obs("obs-vl-3", "72493-0", 3000, "[IU]/mL", 1))
+    extra = (med("med-gcv", "ganciclovir IV", 5, route="IV"), observation("obs-vl-3", "72493-0", 3000, "[IU]/mL", 1))
     cards = call(client, [gcv_draft(400)], patient_data(drop=("obs-vl-2",), add=extra))
     card = one(cards, "iv-to-oral-step-down")
     assert card["indicator"] == "info"
@@ -462,7 +424,7 @@ def test_no_step_down_when_viral_load_rises(client: FlaskClient) -> None:
 
 
 def test_pregnancy_is_critical_with_contraception_periods(client: FlaskClient) -> None:
-    hcg = obs("obs-hcg", "2106-3", None, "", 3, valueCodeableConcept={"text": "Positive"})
+    hcg = observation("obs-hcg", "2106-3", None, "", 3, valueCodeableConcept={"text": "Positive"})
     cards = call(client, [gcv_draft()], patient_data(add=(hcg,), gender="female"))
     card = one(cards, "pregnancy")
     assert card["indicator"] == "critical"
@@ -490,9 +452,9 @@ def test_interactions(client: FlaskClient, text: str, expected: str) -> None:
 
 def test_adjunctive_information_cards(client: FlaskClient) -> None:
     extra = (
-        cond("cond-pneu", "CMV pneumonitis", severe=True),
-        cond("cond-ret", "CMV retinitis"),
-        cond("cond-hiv", "HIV infection", snomed="86406008"),
+        condition("cond-pneu", "CMV pneumonitis", severe=True),
+        condition("cond-ret", "CMV retinitis"),
+        condition("cond-hiv", "HIV infection", snomed="86406008"),
     )
     cards = call(client, [gcv_draft()], patient_data(add=extra))
     for rule in ("reduce-immunosuppression", "art-hiv", "ivig-pneumonitis", "ophthalmology-retinitis"):
@@ -503,7 +465,7 @@ def test_adjunctive_information_cards(client: FlaskClient) -> None:
 
 
 def test_colitis_course_is_21_to_28_days(client: FlaskClient) -> None:
-    cards = call(client, [gcv_draft()], patient_data(add=(cond("cond-col", "CMV colitis"),)))
+    cards = call(client, [gcv_draft()], patient_data(add=(condition("cond-col", "CMV colitis"),)))
     text = actions(one(cards, "dose-adjust"))[0]["resource"]["dosageInstruction"][0]["text"]
     assert "21–28 days" in text
     assert "until CMV DNA is undetectable" in text

@@ -14,14 +14,16 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pg_cluster import PgCluster
-from pg_cluster import postgres_cluster as postgres_cluster  # fixture, requested by name
+from concurrency import run_concurrently
+from pg_cluster import database_url as database_url  # fixtures, requested by name (SQLite, then PostgreSQL)
+from pg_cluster import postgres_cluster as postgres_cluster
+from pg_cluster import store as store
 from sqlalchemy import event, inspect, text
 from sqlalchemy.exc import OperationalError
 
@@ -32,23 +34,6 @@ from service.store import FeedbackResult, FeedbackStore, IssuedCard
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "cmv-antiviral-order-select"
 OTHER_SERVICE = "cmv-antiviral-order-sign"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A URL of an empty database on each backend."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'feedback.sqlite3'}"
-    cluster: PgCluster = request.getfixturevalue("postgres_cluster")
-    return cluster.create_database()
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[FeedbackStore]:
-    feedback_store = FeedbackStore(database_url)
-    feedback_store.create_schema()
-    yield feedback_store
-    feedback_store.dispose()
 
 
 def accepted(card: str, *suggestions: str, at: str = "2026-03-01T10:15:30.25Z") -> dict[str, Any]:
@@ -329,15 +314,12 @@ def test_two_stores_on_one_sqlite_file_write_concurrently(tmp_path: Path) -> Non
     """Two stores (as two gunicorn workers would have) create the schema at once and interleave writes."""
     url = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
     stores = [FeedbackStore(url), FeedbackStore(url)]
-    start = threading.Barrier(len(stores))
     shared_card = new_id()
-    errors: list[BaseException] = []
     results: list[FeedbackResult] = []
     lock = threading.Lock()
 
-    def worker(store: FeedbackStore, worker_id: int) -> None:
-        try:
-            start.wait(timeout=10)
+    def worker(store: FeedbackStore, worker_id: int) -> Callable[[], None]:
+        def work() -> None:
             store.create_schema()
             for n in range(25):
                 card = new_id()
@@ -348,14 +330,10 @@ def test_two_stores_on_one_sqlite_file_write_concurrently(tmp_path: Path) -> Non
                 )
                 with lock:
                     results.append(result)
-        except BaseException as exc:
-            errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(store, i)) for i, store in enumerate(stores)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+        return work
+
+    errors = run_concurrently([worker(store, i) for i, store in enumerate(stores)])
 
     assert errors == []
     assert len(results) == 50
@@ -363,8 +341,8 @@ def test_two_stores_on_one_sqlite_file_write_concurrently(tmp_path: Path) -> Non
     assert sum(r.stored for r in results) == 75
     assert sum(r.duplicates for r in results) == 25
     assert len(stores[0].list_feedback()) == 75
-    for store in stores:
-        store.dispose()
+    for feedback_store in stores:
+        feedback_store.dispose()
 
 
 _WORKER_SCRIPT = """

@@ -7,13 +7,13 @@ by the server (``pool_pre_ping``), a database that refuses connections, column t
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from concurrency import run_concurrently
 from pg_cluster import PgCluster, free_port
 from pg_cluster import postgres_cluster as postgres_cluster  # fixture, requested by name
 from psycopg import sql
@@ -46,26 +46,6 @@ def store(database: tuple[PgCluster, str]) -> Iterator[FeedbackStore]:
 
 def overridden(card: str, at: str = "2026-03-01T10:15:30Z") -> dict[str, Any]:
     return {"card": card, "outcome": "overridden", "outcomeTimestamp": at}
-
-
-def run_concurrently(workers: list[Callable[[], None]]) -> list[BaseException]:
-    """Start the callables together (barrier) in threads; return what they raised."""
-    start = threading.Barrier(len(workers))
-    errors: list[BaseException] = []
-
-    def run(work: Callable[[], None]) -> None:
-        try:
-            start.wait(timeout=10)
-            work()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(work,)) for work in workers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    return errors
 
 
 def test_cluster_is_a_real_postgresql_15_or_later(postgres_cluster: PgCluster) -> None:
