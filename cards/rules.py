@@ -629,6 +629,19 @@ def _alternative_unavailable(alt: Missing | NotRecommended) -> list[str]:
     return ["", f"The alternative ({alt.drug}) is not recommended either: {alt.reason} ({alt.source})."]
 
 
+def _foscarnet_proposal(lead: str, alternative: Regimen) -> list[str]:
+    """Detail lines proposing foscarnet in place of (val)ganciclovir: the regimen, how it was computed, and
+    the hydration the label requires."""
+    return [
+        f"{lead}foscarnet {regimen_text(alternative)}.",
+        "",
+        "**Computation**",
+        *computation_lines(alternative),
+        "",
+        FOSCARNET_HYDRATION,
+    ]
+
+
 def myelosuppression(ctx: Context, order: Mapping[str, Any], drug: Drug, phase: Phase, regimen: Any) -> Card | None:
     """(Val)ganciclovir with ANC < 500/µL, platelets < 25,000/µL or Hb < 8 g/dL → critical, foscarnet."""
     if drug not in ("ganciclovir", "valganciclovir"):
@@ -656,15 +669,7 @@ def myelosuppression(ctx: Context, order: Mapping[str, Any], drug: Drug, phase: 
     ]
     suggestions = []
     if isinstance(alternative, Regimen):
-        detail += [
-            "",
-            f"**Proposed instead:** foscarnet {regimen_text(alternative)}.",
-            "",
-            "**Computation**",
-            *computation_lines(alternative),
-            "",
-            FOSCARNET_HYDRATION,
-        ]
+        detail += ["", *_foscarnet_proposal("**Proposed instead:** ", alternative)]
         suggestions.append(
             Suggestion(
                 f"Replace with foscarnet {alternative.dose_mg:g} mg IV {alternative.schedule.text}",
@@ -716,14 +721,7 @@ def resistance(ctx: Context, order: Mapping[str, Any], drug: Drug, phase: Phase,
     detail = ["**Suspected ganciclovir resistance** (policy.md §6):", *[f"- {r}" for r in reasons], ""]
     suggestions = []
     if isinstance(alternative, Regimen):
-        detail += [
-            f"**Proposed:** genotypic resistance testing and foscarnet {regimen_text(alternative)}.",
-            "",
-            "**Computation**",
-            *computation_lines(alternative),
-            "",
-            FOSCARNET_HYDRATION,
-        ]
+        detail += _foscarnet_proposal("**Proposed:** genotypic resistance testing and ", alternative)
         suggestions.append(
             Suggestion(
                 f"Genotype and switch to foscarnet {alternative.dose_mg:g} mg IV {alternative.schedule.text}",

@@ -261,6 +261,9 @@ def test_myelosuppression_is_critical_and_proposes_foscarnet(client: FlaskClient
     assert drug_text(create["resource"]) == "foscarnet"
     assert dose_of(create["resource"]) == (5600, 1, 12, "h")
     assert "dose-adjust" not in [topic(c) for c in cards]
+    assert "**Proposed instead:** foscarnet 5600 mg IV every 12 hours" in card["detail"]
+    assert "**Computation**" in card["detail"]
+    assert "Hydration (label): 750–1000 mL normal saline" in card["detail"]  # clinical.md §3.3
 
 
 @pytest.mark.parametrize(("loinc", "value", "unit"), [("777-3", 20, "10*3/uL"), ("718-7", 7.5, "g/dL")])
@@ -317,6 +320,8 @@ def test_suspected_resistance_by_viral_load_kinetics(client: FlaskClient) -> Non
     assert types == [("delete", None), ("create", "MedicationRequest"), ("create", "ServiceRequest")]
     assert "UL97" in actions(card)[2]["resource"]["code"]["text"]
     assert [a["type"] for a in actions(card, 1)] == ["create"]  # genotype testing only
+    assert "**Proposed:** genotypic resistance testing and foscarnet" in card["detail"]
+    assert "Hydration (label): 750–1000 mL normal saline" in card["detail"]  # clinical.md §3.3
 
 
 def test_resistance_by_reported_mutation(client: FlaskClient) -> None:
