@@ -125,16 +125,18 @@ def register_error_handlers(app: Flask) -> None:
         # The feedback database, which also holds the JWT replay table, is down, unreachable or locked past
         # its busy timeout (DB-API OperationalError). The log gets the exception type and frames only (the
         # formatter drops messages): SQLAlchemy's message quotes the statement and its parameters.
-        error_id = str(uuid.uuid4())
-        log.error("database unavailable", exc_info=error, extra={"error_id": error_id, "status": 503})
-        body = operation_outcome(
-            f"the service's database is unavailable; retry later (id {error_id})", issue_code="transient"
+        return _logged_failure(
+            error, "database unavailable", "the service's database is unavailable; retry later", "transient", 503
         )
-        return json_response(body, status=503)
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response:
-        error_id = str(uuid.uuid4())
-        log.error("unexpected error", exc_info=error, extra={"error_id": error_id})
-        body = operation_outcome(f"internal error (id {error_id})", issue_code="exception")
-        return json_response(body, status=500)
+        return _logged_failure(error, "unexpected error", "internal error", "exception", 500)
+
+
+def _logged_failure(error: Exception, log_message: str, diagnostics: str, issue_code: str, status: int) -> Response:
+    """A failure the client cannot fix: logged with its traceback under an opaque id the answer also carries."""
+    error_id = str(uuid.uuid4())
+    log.error(log_message, exc_info=error, extra={"error_id": error_id, "status": status})
+    body = operation_outcome(f"{diagnostics} (id {error_id})", issue_code=issue_code)
+    return json_response(body, status=status)
