@@ -13,8 +13,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -26,6 +24,7 @@ from typing import Any
 import pytest
 import requests
 from fhir_fixtures import load
+from processes import free_loopback_port, stop_process_group
 
 SERVER_DIR = Path(__file__).resolve().parent / "fhir_server"
 NODE_MODULES = SERVER_DIR / "node_modules"
@@ -90,27 +89,6 @@ def server_unavailable_reason() -> str | None:
     return None
 
 
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def stop_fhir_server(process: subprocess.Popen[bytes]) -> None:
-    """Stop the server's process group (it runs in its own session): SIGTERM, then SIGKILL."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=5)
-    except ProcessLookupError:
-        pass
-
-
 def _wait_ready(process: subprocess.Popen[bytes], base_url: str, token: str, log_path: Path) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
@@ -132,7 +110,7 @@ def _wait_ready(process: subprocess.Popen[bytes], base_url: str, token: str, log
 
 
 def start_fhir_server(workdir: Path, seed: dict[str, Any]) -> tuple[subprocess.Popen[bytes], FhirTestServer]:
-    """Start ``node server.mjs`` seeded with ``seed``; the caller stops it with :func:`stop_fhir_server`."""
+    """Start ``node server.mjs`` seeded with ``seed``; the caller stops it with ``stop_process_group``."""
     node = shutil.which("node")
     assert node is not None
     seed_path = workdir / "seed-bundle.json"
@@ -140,7 +118,7 @@ def start_fhir_server(workdir: Path, seed: dict[str, Any]) -> tuple[subprocess.P
     token = secrets.token_urlsafe(24)
     log_path = workdir / "fhir-server.log"
     for attempt in range(3):  # the free port can be taken between probing it and node binding it
-        port = _free_loopback_port()
+        port = free_loopback_port()
         base_url = f"http://127.0.0.1:{port}/fhir/R4"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
@@ -155,12 +133,12 @@ def start_fhir_server(workdir: Path, seed: dict[str, Any]) -> tuple[subprocess.P
         try:
             _wait_ready(process, base_url, token, log_path)
         except RuntimeError:
-            stop_fhir_server(process)
+            stop_process_group(process, timeout_seconds=5)
             if attempt < 2 and "EADDRINUSE" in log_path.read_text(errors="replace"):
                 continue
             raise
         except BaseException:
-            stop_fhir_server(process)
+            stop_process_group(process, timeout_seconds=5)
             raise
         return process, FhirTestServer(base_url, token)
     raise AssertionError("unreachable")
@@ -177,4 +155,4 @@ def fhir_server() -> Iterator[FhirTestServer]:
         try:
             yield server
         finally:
-            stop_fhir_server(process)
+            stop_process_group(process, timeout_seconds=5)

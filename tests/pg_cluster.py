@@ -25,7 +25,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
+from processes import free_loopback_port
 from psycopg import sql
 
 if TYPE_CHECKING:
@@ -179,13 +179,6 @@ def store(database_url: str) -> Iterator[FeedbackStore]:
     feedback_store.dispose()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _unprivileged_user() -> pwd.struct_passwd:
     for name in _UNPRIVILEGED_USERS:
         with contextlib.suppress(KeyError):
@@ -227,7 +220,7 @@ def _start_server(
     log_path = base_dir / "server.log"
     settings = [arg for name, value in SERVER_SETTINGS.items() for arg in ("-c", f"{name}={value}")]
     for attempt in range(1, _START_ATTEMPTS + 1):
-        port = free_port()
+        port = free_loopback_port()
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
                 [postgres, "-D", str(data_dir), "-k", str(socket_dir), "-p", str(port), *settings],

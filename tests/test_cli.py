@@ -6,8 +6,6 @@ import json
 import logging
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +18,7 @@ from typing import Any
 
 import pytest
 from gunicorn.app.wsgiapp import WSGIApplication
+from processes import free_loopback_port, stop_process_group
 
 from service import cli, gunicorn_conf
 from service.config import ENV_PREFIX, Settings
@@ -234,13 +233,6 @@ def test_console_script_points_at_main() -> None:
 # --- end to end: a real gunicorn server -------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def server_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX) and k != "GUNICORN_CMD_ARGS"}
@@ -267,19 +259,7 @@ def start_server(tmp_path: Path, server_env: dict[str, str]) -> Iterator[Any]:
     yield start
 
     for process in processes:
-        stop_group(process)
-
-
-def stop_group(process: subprocess.Popen[bytes]) -> int:
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            return process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return process.wait(timeout=10)
+        stop_process_group(process)
 
 
 def wait_for_discovery(process: subprocess.Popen[bytes], port: int, log_path: Path) -> dict[str, Any]:
@@ -311,7 +291,7 @@ CONSOLE_SCRIPT = Path(sys.executable).parent / "cmv-cds"
     "launcher", ["cmv-cds serve", "python -m service.cli serve", "gunicorn -c python:service.gunicorn_conf"]
 )
 def test_real_server_lists_the_services(launcher: str, start_server: Any, server_env: dict[str, str]) -> None:
-    port = free_port()
+    port = free_loopback_port()
     flags = ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     if launcher == "cmv-cds serve":
         if not CONSOLE_SCRIPT.exists():
@@ -332,7 +312,7 @@ def test_real_server_lists_the_services(launcher: str, start_server: Any, server
     # GET /metrics: prometheus_client's multiprocess mode, in a directory the master made (gunicorn_conf).
     metrics_dir = check_metrics(port, log_path)
     # SIGTERM to the process group: gunicorn shuts down gracefully and exits 0.
-    assert stop_group(process) == 0
+    assert stop_process_group(process) == 0
     assert not metrics_dir.exists(), "the master deletes the metrics directory it created"
     log = log_path.read_text()
     assert "worker warmed" in log  # post_worker_init ran in the worker

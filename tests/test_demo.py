@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import responses
-from test_cli import CONSOLE_SCRIPT, free_port, stop_group, wait_for_discovery
+from processes import free_loopback_port, stop_process_group
+from test_cli import CONSOLE_SCRIPT, wait_for_discovery
 
 from service import cli, demo
 from service.config import ENV_PREFIX
@@ -28,7 +29,7 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     directory = tmp_path_factory.mktemp("demo-server")
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX) and k != "GUNICORN_CMD_ARGS"}
     env |= {"CMV_CDS_REQUIRE_AUTH": "false", "CMV_CDS_DATABASE_URL": f"sqlite:///{directory}/fb.sqlite3"}
-    port = free_port()
+    port = free_loopback_port()
     log_path = directory / "server.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -43,7 +44,7 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         wait_for_discovery(process, port, log_path)
         yield f"http://127.0.0.1:{port}"
     finally:
-        stop_group(process)
+        stop_process_group(process)
 
 
 def run_demo(*args: str) -> subprocess.CompletedProcess[str]:
@@ -94,7 +95,7 @@ def test_demo_by_example_name_and_by_path(server_url: str, capsys: pytest.Captur
 
 
 def test_connection_refused_is_one_line_and_fails() -> None:
-    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    url = f"http://127.0.0.1:{free_loopback_port()}"  # nothing listens there
     result = run_demo("order-select-ganciclovir.json", "--url", url)
     assert result.returncode != 0
     assert result.stdout == ""

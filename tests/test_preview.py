@@ -17,8 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +29,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from processes import free_loopback_port, stop_process_group
 
 from service.app import create_app
 from service.config import ENV_PREFIX, ConfigError, Settings
@@ -285,25 +284,6 @@ def test_the_documented_assets_are_the_files() -> None:
 # --- the page in a real headless Chromium ---------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.fixture
 def preview_server(tmp_path: Path) -> Iterator[str]:
     """``cmv-cds serve`` on a free loopback port (auth off, so the preview is on by default); its /preview URL."""
@@ -313,7 +293,7 @@ def preview_server(tmp_path: Path) -> Iterator[str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     console_script = Path(sys.executable).parent / "cmv-cds"
     launcher = [str(console_script)] if console_script.exists() else [sys.executable, "-m", "service.cli"]
-    port = _free_port()
+    port = free_loopback_port()
     log_path = tmp_path / "server.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -341,7 +321,7 @@ def preview_server(tmp_path: Path) -> Iterator[str]:
             time.sleep(0.2)
         yield url
     finally:
-        _stop(process)
+        stop_process_group(process)
 
 
 @pytest.mark.browser

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 from concurrency import run_concurrently
-from pg_cluster import PgCluster, free_port
+from pg_cluster import PgCluster
 from pg_cluster import postgres_cluster as postgres_cluster  # fixture, requested by name
+from processes import free_loopback_port
 from psycopg import sql
 from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
@@ -116,7 +117,7 @@ def test_a_database_outage_raises_and_recovers(store: FeedbackStore, database: t
 
 
 def test_no_server_at_all() -> None:
-    store = FeedbackStore(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/feedback?connect_timeout=2")
+    store = FeedbackStore(f"postgresql+psycopg://postgres@127.0.0.1:{free_loopback_port()}/feedback?connect_timeout=2")
     assert store.ping() is False
     with pytest.raises(OperationalError):
         store.create_schema()
