@@ -28,34 +28,31 @@ if [ ! -x /usr/bin/chromium ]; then
   fi
 fi
 
-# Test-only FHIR server (Medplum, tests/fhir_server) and the FHIR R4 JSON Schema it ships, for the fhirserver
-# tests and tests/test_fhir_profiles.py; installed again only when package-lock.json is newer than node_modules.
-if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
-  modules=tests/fhir_server/node_modules
-  if [ ! -d "$modules" ] || [ tests/fhir_server/package-lock.json -nt "$modules" ]; then
-    if npm ci --prefix tests/fhir_server --no-audit --no-fund --silent; then
+# `npm ci` of one test package (DIR/package-lock.json pins it), only when the lock file is newer than its
+# node_modules; on failure, say which tests that affects.
+npm_ci_when_stale() {
+  local dir=$1 consequence=$2 modules=$1/node_modules
+  if [ ! -d "$modules" ] || [ "$dir/package-lock.json" -nt "$modules" ]; then
+    if npm ci --prefix "$dir" --no-audit --no-fund --silent; then
       touch "$modules"
     else
       rm -rf "$modules"
-      echo "note: npm ci in tests/fhir_server failed; the real-FHIR-server tests will be skipped" >&2
+      echo "note: npm ci in $dir failed; $consequence" >&2
     fi
   fi
+}
+
+# Test-only FHIR server (Medplum, tests/fhir_server) and the FHIR R4 JSON Schema it ships, for the fhirserver
+# tests and tests/test_fhir_profiles.py.
+if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+  npm_ci_when_stale tests/fhir_server "the real-FHIR-server tests will be skipped"
 else
   echo "note: node/npm not found; the real-FHIR-server tests will be skipped" >&2
 fi
 
-# playwright-core (pinned in tests/preview/package-lock.json) for the preview browser test; again only when the
-# lock file is newer than node_modules.
+# playwright-core for the preview browser test (it drives Debian's Chromium; it downloads no browser).
 if command -v npm >/dev/null 2>&1; then
-  modules=tests/preview/node_modules
-  if [ ! -d "$modules" ] || [ tests/preview/package-lock.json -nt "$modules" ]; then
-    if npm ci --prefix tests/preview --no-audit --no-fund --silent; then
-      touch "$modules"
-    else
-      rm -rf "$modules"
-      echo "note: npm ci in tests/preview failed; the preview browser test will fail" >&2
-    fi
-  fi
+  npm_ci_when_stale tests/preview "the preview browser test will fail"
 fi
 
 .venv/bin/ruff check .
