@@ -59,3 +59,9 @@ fi
 .venv/bin/ruff format --check .
 .venv/bin/mypy
 .venv/bin/python -m pytest -q "$@"
+
+# The same suite with the wall clock of every Python process a year and a month ahead (tests/clock_shift):
+# no test may depend on today's date. The monotonic clock stays real, so deadlines behave as in production.
+echo "== the suite again, with the clock 400 days ahead" >&2
+PYTHONPATH="$PWD/tests/clock_shift${PYTHONPATH:+:$PYTHONPATH}" TEST_CLOCK_SHIFT_DAYS=400 \
+  .venv/bin/python -m pytest -q "$@"

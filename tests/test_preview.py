@@ -13,6 +13,7 @@ throwaway SQLite file), drives the page in Debian's headless Chromium with playw
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -324,6 +326,31 @@ def preview_server(tmp_path: Path) -> Iterator[str]:
         stop_process_group(process)
 
 
+@dataclass(frozen=True)
+class ExampleFacts:
+    age: int
+    repeat_labels: list[str]
+
+
+def example_facts(path: Path, today: dt.date) -> ExampleFacts:
+    """The patient's age in completed years and the "Repeat …" suggestions the example earns on ``today``: a
+    serum creatinine older than 7 days is repeated (policy §2; a stale weight is flagged but not ordered)."""
+    request = json.loads(path.read_text(encoding="utf-8"))
+    [patient] = [value for value in request["prefetch"].values() if value.get("resourceType") == "Patient"]
+    birth = dt.date.fromisoformat(patient["birthDate"])
+    age = today.year - birth.year - ((today.month, today.day) < (birth.month, birth.day))
+    creatinine_dates = [
+        entry["resource"]["effectiveDateTime"]
+        for bundle in request["prefetch"].values()
+        if bundle.get("resourceType") == "Bundle"
+        for entry in bundle.get("entry", [])
+        if any(c.get("code") == "2160-0" for c in entry.get("resource", {}).get("code", {}).get("coding", []))
+    ]
+    latest = dt.date.fromisoformat(max(creatinine_dates))
+    repeats = [f"Repeat serum creatinine (last {latest.isoformat()})"] if (today - latest).days > 7 else []
+    return ExampleFacts(age, repeats)
+
+
 @pytest.mark.browser
 def test_the_page_renders_the_cards_in_headless_chromium(preview_server: str) -> None:
     node = shutil.which("node")
@@ -372,11 +399,15 @@ def test_the_page_renders_the_cards_in_headless_chromium(preview_server: str) ->
     assert card["strong"][:2] == ["Proposed:", "Selected order:"]
     assert "**" not in card["detailText"]
     assert card["paragraphs"] >= 3
-    assert "Age: 54 years; sex: male" in card["listItems"]
+    # The example's dates are fixed and the service runs on the real clock: the age and any staleness follow
+    # from the example and today's date, computed here the way the service must.
+    example = example_facts(EXAMPLES_DIR / GANCICLOVIR, dt.date.today())
+    assert f"Age: {example.age} years; sex: male" in card["listItems"]
     assert any(item.startswith("Dose: 5 mg/kg × 80.0 kg = 400.0 mg") for item in card["listItems"])
-    [label] = card["suggestions"]
+    label, *repeats = card["suggestions"]
     assert label == "Update order: ganciclovir 400 mg IV every 12 hours"
     assert "400 mg" in label
+    assert repeats == example.repeat_labels
     assert card["sourceHref"].startswith("https://dailymed.nlm.nih.gov/")
     assert card["sourceText"].startswith("Ganciclovir for injection label")
     assert card["sourceRel"] == "noopener noreferrer"

@@ -368,7 +368,7 @@ def test_two_worker_processes_share_one_sqlite_file(tmp_path: Path) -> None:
     """The same, with two real processes starting at the same instant on a file that does not exist yet."""
     url = f"sqlite:///{tmp_path / 'workers.sqlite3'}"
     start_at = str(time.time() + 1.0)
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     workers = [
         subprocess.Popen(
             [sys.executable, "-c", _WORKER_SCRIPT, url, name, start_at],
