@@ -64,4 +64,4 @@ fi
 # no test may depend on today's date. The monotonic clock stays real, so deadlines behave as in production.
 echo "== the suite again, with the clock 400 days ahead" >&2
 PYTHONPATH="$PWD/tests/clock_shift${PYTHONPATH:+:$PYTHONPATH}" TEST_CLOCK_SHIFT_DAYS=400 \
-  .venv/bin/python -m pytest -q "$@"
+  .venv/bin/python -m pytest -q -W "ignore:Module already imported so cannot be rewritten:pytest.PytestAssertRewriteWarning" "$@"
