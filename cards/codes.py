@@ -1,7 +1,7 @@
 """Code sets for the clinical logic, loaded from the FHIR ValueSets in ``fhir_profiles/valuesets``.
 
 Each ``ValueSet-<Name>.json`` file is a FHIR R4 ValueSet whose ``compose.include[].concept[]`` lists the
-codes (each with a ``code-verification`` extension carrying clinical.md §7's status label) and whose
+codes (each with a ``code-verification`` extension carrying docs/clinical-basis.md §9's status label) and whose
 ValueSet-level ``text-match`` extensions list lower-case name patterns. EHR coding varies, so a
 CodeableConcept belongs to a set when one of its codings has a listed (system, code), or when its
 ``text`` or a coding's ``display`` contains one of the patterns as a whole word or phrase
@@ -26,8 +26,10 @@ VALUESETS_DIR: Final[Path] = FHIR_PROFILES_DIR / "valuesets"
 
 VALUESET_URL_PREFIX: Final = "http://fhir.cmv-cds.org/ValueSet/"
 VERIFICATION_EXTENSION_URL: Final = "http://fhir.cmv-cds.org/StructureDefinition/code-verification"
+# Where a code was seen with its display: public URLs, one extension each (docs/clinical-basis.md §9).
+SOURCE_EXTENSION_URL: Final = "http://fhir.cmv-cds.org/StructureDefinition/code-source"
 TEXT_MATCH_EXTENSION_URL: Final = "http://fhir.cmv-cds.org/StructureDefinition/text-match"
-# clinical.md §7 status labels.
+# docs/clinical-basis.md §9 status labels.
 VERIFICATION_STATUSES: Final = frozenset({"VERIFIED-openFDA", "VERIFIED-2+", "VERIFIED", "1-SRC", "UNVERIFIED"})
 
 RXNORM: Final = "http://www.nlm.nih.gov/research/umls/rxnorm"
@@ -55,12 +57,13 @@ class CodeSetError(ValueError):
 
 @dataclass(frozen=True)
 class Concept:
-    """One code of a set, with its clinical.md §7 verification status."""
+    """One code of a set, with its verification status and the public sources it was seen in."""
 
     system: str
     code: str
     display: str
     verification: str  # the code-verification extension value
+    sources: tuple[str, ...] = ()  # the code-source extension values (URLs)
 
 
 _ICD_SYSTEMS: Final = frozenset({ICD10, ICD10CM})
@@ -224,11 +227,20 @@ def _parse_concepts(path: Path, resource: dict[str, Any]) -> tuple[Concept, ...]
                     f"{cwhere} ({system}|{code}) needs exactly one code-verification extension with one of "
                     f"{sorted(VERIFICATION_STATUSES)}, got {statuses!r}",
                 )
+            sources = tuple(
+                e.get("valueUri") for e in _extensions(path, item, cwhere) if e.get("url") == SOURCE_EXTENSION_URL
+            )
+            if not all(isinstance(u, str) and u.startswith(("https://", "http://")) for u in sources):
+                raise _fail(path, f"{cwhere} ({system}|{code}): every code-source must be an http(s) URL")
+            if statuses[0] != "UNVERIFIED" and not sources:
+                raise _fail(path, f"{cwhere} ({system}|{code}) is {statuses[0]} but names no code-source")
             key = (system, code)
             if key in seen:
                 raise _fail(path, f"duplicate code {system}|{code}")
             seen.add(key)
-            concepts.append(Concept(system=system, code=code, display=display, verification=statuses[0]))
+            concepts.append(
+                Concept(system=system, code=code, display=display, verification=statuses[0], sources=sources)  # type: ignore[arg-type]
+            )
     return tuple(concepts)
 
 
@@ -372,3 +384,22 @@ def text_set_names(text: str) -> frozenset[str]:
     """Names of the registered sets for which ``matches_text(text)`` is true (cached per text: the same
     displays and medication names come back in call after call)."""
     return _cached_text_set_names(text) if len(text) <= _CACHEABLE_LENGTH else _text_set_names(text)
+
+
+@functools.cache
+def _concepts_by_key(set_name: str) -> MappingProxyType[tuple[str, str], Concept]:
+    return MappingProxyType({_coding_key(c.system, c.code): c for c in code_set(set_name).concepts})
+
+
+def coded_concept(concept: object, set_name: str) -> Concept | None:
+    """The concept of the registered set ``set_name`` that one of the CodeableConcept's codings names, if any
+    (the first such coding): what a card cites as the code it used."""
+    if not isinstance(concept, dict) or not isinstance(concept.get("coding"), list):
+        return None
+    by_key = _concepts_by_key(set_name)
+    for coding in concept["coding"]:
+        if isinstance(coding, dict) and isinstance(coding.get("system"), str) and isinstance(coding.get("code"), str):
+            found = by_key.get(_coding_key(coding["system"], coding["code"]))
+            if found is not None:
+                return found
+    return None

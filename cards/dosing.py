@@ -1,8 +1,9 @@
 """Dosing tables as data: one row per renal band, each with its source.
 
-Band edges are half-open as policy.md §4 reads the labels' integer bands on a continuous scale.
+Band edges are half-open as docs/policy.md §5 reads the labels' integer bands on a continuous scale.
 Rows carry the label's dose (mg/kg, or fixed mg for valganciclovir) and its schedule, encoded as FHIR
-``timing.repeat`` values (policy.md §8). ``schedule is None`` means "not recommended" in the label.
+``timing.repeat`` values (docs/policy.md §13). ``schedule is None`` means "not recommended" in the label.
+Each row's ``source`` names the label table it comes from; docs/clinical-basis.md §2-§5 prints every table.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ EVERY_2_DAYS = Schedule(1, 2, "d", "every 2 days")
 TWICE_WEEKLY = Schedule(2, 1, "wk", "twice weekly")
 WEEKLY = Schedule(1, 1, "wk", "once weekly")
 EVERY_2_WEEKS = Schedule(1, 2, "wk", "once every 2 weeks")
-# policy.md §8: "Three times weekly after dialysis" is frequency 3, period 1, periodUnit "wk".
+# docs/policy.md §13: "Three times weekly after dialysis" is frequency 3, period 1, periodUnit "wk".
 THRICE_WEEKLY_AFTER_HD = Schedule(3, 1, "wk", "3 times weekly, after each hemodialysis session", after_dialysis=True)
 
 
@@ -104,7 +105,7 @@ class DoseRow:
     phase: Phase
     column: str
     band: Band
-    hemodialysis: bool  # this row also applies to any dialysis-dependent patient (policy.md §3)
+    hemodialysis: bool  # this row also applies to any dialysis-dependent patient (docs/policy.md §4)
     mg_per_kg: float | None
     fixed_mg: float | None
     schedule: Schedule | None  # None: "not recommended"
@@ -124,11 +125,12 @@ class DoseRow:
 ML_MIN = "mL/min"
 ML_MIN_KG = "mL/min/kg"
 
-_GCV = "clinical.md §1.2 (ganciclovir label §2.5 Table 1); band edges policy.md §4"
-_VGC = "clinical.md §2.2 (Valcyte label §2.5 Table 2); band edges policy.md §4"
-_FOS_IND = "clinical.md §3.2 (foscarnet label Table 13, induction); band edges policy.md §4"
-_FOS_MAINT = "clinical.md §3.2 (foscarnet label Table 13, maintenance); band edges policy.md §4"
-_FOS_HD = "clinical.md §3.2: < 0.4 mL/min/kg not recommended; hemodialysis has no label dose"
+_BANDS = "band edges: CMV CDS product policy §5"
+_GCV = "ganciclovir label §2.5 Table 1"
+_VGC = "Valcyte label §2.5 Table 2"
+_FOS_IND = "foscarnet label Table 13, induction"
+_FOS_MAINT = "foscarnet label Table 13, maintenance"
+_FOS_HD = "foscarnet label Table 13: < 0.4 mL/min/kg not recommended; hemodialysis has no label dose"
 
 GANCICLOVIR_ROWS: tuple[DoseRow, ...] = (
     DoseRow(
@@ -140,7 +142,7 @@ GANCICLOVIR_ROWS: tuple[DoseRow, ...] = (
         5.0,
         None,
         Q12H,
-        _GCV + ", CrCl ≥ 70",
+        f"{_GCV}, CrCl ≥ 70 mL/min; {_BANDS}",
     ),
     DoseRow(
         "ganciclovir",
@@ -151,7 +153,7 @@ GANCICLOVIR_ROWS: tuple[DoseRow, ...] = (
         2.5,
         None,
         Q12H,
-        _GCV + ", CrCl 50–69",
+        f"{_GCV}, CrCl 50–69 mL/min; {_BANDS}",
     ),
     DoseRow(
         "ganciclovir",
@@ -162,7 +164,7 @@ GANCICLOVIR_ROWS: tuple[DoseRow, ...] = (
         2.5,
         None,
         Q24H,
-        _GCV + ", CrCl 25–49",
+        f"{_GCV}, CrCl 25–49 mL/min; {_BANDS}",
     ),
     DoseRow(
         "ganciclovir",
@@ -173,7 +175,7 @@ GANCICLOVIR_ROWS: tuple[DoseRow, ...] = (
         1.25,
         None,
         Q24H,
-        _GCV + ", CrCl 10–24",
+        f"{_GCV}, CrCl 10–24 mL/min; {_BANDS}",
     ),
     DoseRow(
         "ganciclovir",
@@ -184,7 +186,7 @@ GANCICLOVIR_ROWS: tuple[DoseRow, ...] = (
         1.25,
         None,
         THRICE_WEEKLY_AFTER_HD,
-        _GCV + ", CrCl < 10 (hemodialysis)",
+        f"{_GCV}, CrCl < 10 mL/min (hemodialysis); {_BANDS}",
     ),
     DoseRow(
         "ganciclovir",
@@ -195,7 +197,7 @@ GANCICLOVIR_ROWS: tuple[DoseRow, ...] = (
         5.0,
         None,
         Q24H,
-        _GCV + ", CrCl ≥ 70",
+        f"{_GCV}, CrCl ≥ 70 mL/min; {_BANDS}",
     ),
     DoseRow(
         "ganciclovir",
@@ -206,7 +208,7 @@ GANCICLOVIR_ROWS: tuple[DoseRow, ...] = (
         2.5,
         None,
         Q24H,
-        _GCV + ", CrCl 50–69",
+        f"{_GCV}, CrCl 50–69 mL/min; {_BANDS}",
     ),
     DoseRow(
         "ganciclovir",
@@ -217,7 +219,7 @@ GANCICLOVIR_ROWS: tuple[DoseRow, ...] = (
         1.25,
         None,
         Q24H,
-        _GCV + ", CrCl 25–49",
+        f"{_GCV}, CrCl 25–49 mL/min; {_BANDS}",
     ),
     DoseRow(
         "ganciclovir",
@@ -228,7 +230,7 @@ GANCICLOVIR_ROWS: tuple[DoseRow, ...] = (
         0.625,
         None,
         Q24H,
-        _GCV + ", CrCl 10–24",
+        f"{_GCV}, CrCl 10–24 mL/min; {_BANDS}",
     ),
     DoseRow(
         "ganciclovir",
@@ -239,7 +241,7 @@ GANCICLOVIR_ROWS: tuple[DoseRow, ...] = (
         0.625,
         None,
         THRICE_WEEKLY_AFTER_HD,
-        _GCV + ", CrCl < 10 (hemodialysis)",
+        f"{_GCV}, CrCl < 10 mL/min (hemodialysis); {_BANDS}",
     ),
 )
 
@@ -253,7 +255,7 @@ VALGANCICLOVIR_ROWS: tuple[DoseRow, ...] = (
         None,
         900,
         TWICE_DAILY,
-        _VGC + ", CrCl ≥ 60",
+        f"{_VGC}, CrCl ≥ 60 mL/min; {_BANDS}",
     ),
     DoseRow(
         "valganciclovir",
@@ -264,7 +266,7 @@ VALGANCICLOVIR_ROWS: tuple[DoseRow, ...] = (
         None,
         450,
         TWICE_DAILY,
-        _VGC + ", CrCl 40–59",
+        f"{_VGC}, CrCl 40–59 mL/min; {_BANDS}",
     ),
     DoseRow(
         "valganciclovir",
@@ -275,7 +277,7 @@ VALGANCICLOVIR_ROWS: tuple[DoseRow, ...] = (
         None,
         450,
         ONCE_DAILY,
-        _VGC + ", CrCl 25–39",
+        f"{_VGC}, CrCl 25–39 mL/min; {_BANDS}",
     ),
     DoseRow(
         "valganciclovir",
@@ -286,7 +288,7 @@ VALGANCICLOVIR_ROWS: tuple[DoseRow, ...] = (
         None,
         450,
         EVERY_2_DAYS,
-        _VGC + ", CrCl 10–24",
+        f"{_VGC}, CrCl 10–24 mL/min; {_BANDS}",
     ),
     DoseRow(
         "valganciclovir",
@@ -297,7 +299,7 @@ VALGANCICLOVIR_ROWS: tuple[DoseRow, ...] = (
         None,
         None,
         None,
-        _VGC + ", CrCl < 10 (on hemodialysis): not recommended",
+        f"{_VGC}, CrCl < 10 mL/min (on hemodialysis): not recommended",
     ),
     DoseRow(
         "valganciclovir",
@@ -308,7 +310,7 @@ VALGANCICLOVIR_ROWS: tuple[DoseRow, ...] = (
         None,
         900,
         ONCE_DAILY,
-        _VGC + ", CrCl ≥ 60",
+        f"{_VGC}, CrCl ≥ 60 mL/min; {_BANDS}",
     ),
     DoseRow(
         "valganciclovir",
@@ -319,7 +321,7 @@ VALGANCICLOVIR_ROWS: tuple[DoseRow, ...] = (
         None,
         450,
         ONCE_DAILY,
-        _VGC + ", CrCl 40–59",
+        f"{_VGC}, CrCl 40–59 mL/min; {_BANDS}",
     ),
     DoseRow(
         "valganciclovir",
@@ -330,7 +332,7 @@ VALGANCICLOVIR_ROWS: tuple[DoseRow, ...] = (
         None,
         450,
         EVERY_2_DAYS,
-        _VGC + ", CrCl 25–39",
+        f"{_VGC}, CrCl 25–39 mL/min; {_BANDS}",
     ),
     DoseRow(
         "valganciclovir",
@@ -341,7 +343,7 @@ VALGANCICLOVIR_ROWS: tuple[DoseRow, ...] = (
         None,
         450,
         TWICE_WEEKLY,
-        _VGC + ", CrCl 10–24",
+        f"{_VGC}, CrCl 10–24 mL/min; {_BANDS}",
     ),
     DoseRow(
         "valganciclovir",
@@ -352,12 +354,13 @@ VALGANCICLOVIR_ROWS: tuple[DoseRow, ...] = (
         None,
         None,
         None,
-        _VGC + ", CrCl < 10 (on hemodialysis): not recommended",
+        f"{_VGC}, CrCl < 10 mL/min (on hemodialysis): not recommended",
     ),
 )
 
-# Foscarnet columns (clinical.md §3.2). policy.md §5: the 90 mg/kg q12h induction column by default;
-# maintenance starts at 90 mg/kg/day ("Most patients start at 90 mg/kg/day", clinical.md §3.1).
+# Foscarnet columns (label Table 13; docs/clinical-basis.md §4.2). docs/policy.md §6: a draft matching either
+# column is confirmed; the 90 mg/kg q12h induction column is proposed when a change is needed; maintenance
+# starts at 90 mg/kg/day ("Most patients start at 90 mg/kg/day", label Dosage and Administration).
 FOS_IND_60 = "equivalent to 60 mg/kg q8h"
 FOS_IND_90 = "equivalent to 90 mg/kg q12h"
 FOS_MAINT_90 = "equivalent to 90 mg/kg/day"
@@ -371,7 +374,7 @@ _FOS_BANDS = (
     open_closed(0.8, 1.0, ML_MIN_KG),
     open_closed(0.6, 0.8, ML_MIN_KG),
     open_closed(0.5, 0.6, ML_MIN_KG),
-    closed(0.4, 0.5, ML_MIN_KG),  # clinical.md §3.2 note: 0.4 belongs to the 0.4–0.5 band
+    closed(0.4, 0.5, ML_MIN_KG),  # docs/policy.md §5: 0.4 belongs to the 0.4–0.5 band ("< 0.4" is excluded)
 )
 _FOS_COLUMNS: dict[tuple[Phase, str], tuple[tuple[float, Schedule], ...]] = {
     ("induction", FOS_IND_60): ((60, Q8H), (45, Q8H), (50, Q12H), (40, Q12H), (60, Q24H), (50, Q24H)),
@@ -400,7 +403,7 @@ FOSCARNET_ROWS: tuple[DoseRow, ...] = tuple(
                 mg_per_kg,
                 None,
                 schedule,
-                (_FOS_IND if phase == "induction" else _FOS_MAINT) + f", {column}, CrCl {band.label()}",
+                f"{_FOS_IND if phase == 'induction' else _FOS_MAINT}, {column}, CrCl {band.label()}; {_BANDS}",
             )
             for band, (mg_per_kg, schedule) in zip(_FOS_BANDS, doses, strict=True)
         ),
@@ -408,9 +411,10 @@ FOSCARNET_ROWS: tuple[DoseRow, ...] = tuple(
     )
 )
 
-# Cidofovir (clinical.md §4): 5 mg/kg once weekly × 2 (induction), then once every 2 weeks. Renal
-# eligibility is a start/no-start rule, not a band table (policy.md §4).
-_CDV = "clinical.md §4 (Vistide label D&A)"
+# Cidofovir (Vistide label, Dosage and Administration; docs/clinical-basis.md §5): 5 mg/kg once weekly × 2
+# (induction), then once every 2 weeks. Renal eligibility is a start/no-start rule, not a band table
+# (docs/policy.md §5).
+_CDV = "Vistide label, Dosage and Administration"
 CIDOFOVIR_ROWS: tuple[DoseRow, ...] = (
     DoseRow(
         "cidofovir",
@@ -435,10 +439,12 @@ CIDOFOVIR_ROWS: tuple[DoseRow, ...] = (
         _CDV + ", maintenance",
     ),
 )
-CIDOFOVIR_INDUCTION_DOSES = 2  # clinical.md §4: "once weekly for 2 consecutive weeks"
-CIDOFOVIR_MAX_SCR_MG_DL = 1.5  # policy.md §4 / clinical.md §4: SCr ≤ 1.5 mg/dL
-CIDOFOVIR_MIN_CRCL_ML_MIN = 55.0  # policy.md §4 / clinical.md §4: CrCl > 55 mL/min
-CIDOFOVIR_MAX_URINE_PROTEIN_MG_DL = 100.0  # policy.md §4 / clinical.md §4: urine protein < 100 mg/dL
+CIDOFOVIR_INDUCTION_DOSES = 2  # Vistide label: "once weekly for 2 consecutive weeks"
+# Vistide label start criteria (docs/clinical-basis.md §5.2): SCr ≤ 1.5 mg/dL, CrCl > 55 mL/min, urine protein
+# < 100 mg/dL (< 2+).
+CIDOFOVIR_MAX_SCR_MG_DL = 1.5
+CIDOFOVIR_MIN_CRCL_ML_MIN = 55.0
+CIDOFOVIR_MAX_URINE_PROTEIN_MG_DL = 100.0
 
 TABLES: dict[Drug, tuple[DoseRow, ...]] = {
     "ganciclovir": GANCICLOVIR_ROWS,
@@ -453,7 +459,7 @@ CLEARANCE_UNIT: dict[Drug, str] = {
     "cidofovir": ML_MIN,
 }
 
-# policy.md §5 rounding: nearest 5 mg (ganciclovir, cidofovir) or 50 mg (foscarnet); valganciclovir in
+# docs/policy.md §6 rounding: nearest 5 mg (ganciclovir, cidofovir) or 50 mg (foscarnet); valganciclovir in
 # whole 450 mg tablets (its table doses are already whole tablets).
 ROUNDING_MG: dict[Drug, float] = {
     "ganciclovir": 5.0,
@@ -461,14 +467,14 @@ ROUNDING_MG: dict[Drug, float] = {
     "foscarnet": 50.0,
     "valganciclovir": 450.0,
 }
-VALGANCICLOVIR_TABLET_MG = 450.0  # clinical.md §2 (Valcyte 450 mg tablet)
+VALGANCICLOVIR_TABLET_MG = 450.0  # Valcyte 450 mg tablet (docs/clinical-basis.md §3)
 
-# policy.md §5 course lengths, in days. Foscarnet: "2–3 weeks depending on clinical response"
-# (clinical.md §3.1), proposed as the same 21-day course as ganciclovir.
+# docs/policy.md §6 course lengths, in days. Foscarnet: "2–3 weeks depending on clinical response" (label),
+# proposed as the same 21-day course as ganciclovir.
 INDUCTION_DAYS: dict[Drug, int] = {"ganciclovir": 21, "valganciclovir": 21, "foscarnet": 21, "cidofovir": 14}
-COLITIS_DAYS = (21, 28)  # policy.md §5: CMV colitis 21–28 days
+COLITIS_DAYS = (21, 28)  # docs/policy.md §6: CMV colitis 21–28 days
 
-# Infusion times (clinical.md §1.3, §3.1, §4).
+# Infusion instructions (labels; docs/clinical-basis.md §2.3, §4.1, §5.1).
 INFUSION_TEXT: dict[Drug, str] = {
     "ganciclovir": "infuse over 1 hour (no rapid or bolus injection; final concentration ≤ 10 mg/mL)",
     "foscarnet": (
@@ -480,13 +486,13 @@ INFUSION_TEXT: dict[Drug, str] = {
 
 
 def round_dose(drug: Drug, exact_mg: float) -> float:
-    """Round half up to the drug's increment (policy.md §5)."""
+    """Round half up to the drug's increment (docs/policy.md §6)."""
     step = ROUNDING_MG[drug]
     return math.floor(exact_mg / step + 0.5) * step
 
 
 def select_row(drug: Drug, phase: Phase, clearance: float | None, on_dialysis: bool, column: str = "label") -> DoseRow:
-    """The table row for a clearance (or the dialysis row, policy.md §3)."""
+    """The table row for a clearance (or the dialysis row, docs/policy.md §4)."""
     rows = [r for r in TABLES[drug] if r.phase == phase and r.column == column]
     if not rows:
         raise KeyError(f"no {phase} rows for {drug} column {column!r}")

@@ -1,13 +1,16 @@
-"""Patient facts from FHIR R4 resources (plain JSON dicts), as policy.md §2 selects them.
+"""Patient facts from FHIR R4 resources (plain JSON dicts), read in one pass as docs/policy.md §2 selects them.
 
-Every fact keeps its date and the id of the resource it came from, so a card can say where each
-number came from. Reading is defensive: a malformed element makes that one value unusable (and the
-card says what is missing); it never raises.
+Every resource is classified once: its code goes through the code-set index of ``cards.codes`` (a coding's
+(system, code), else a non-negated name), and the sets it is in name the fact it feeds (``LAB_FAMILIES``,
+``CONDITION_FINDINGS``, the viral-load and pregnancy-test sets, the drug sets). Each fact keeps its date, the
+resource it came from and the code that identified it, so a card can say where each number came from. The
+rules read these facts only; they never look at the resources again.
 
-Resources are read as JSON rather than through fhir.resources models: the rules need a few elements
-of a few resources, and model-validating every prefetched resource costs ~0.2 ms each
-(reference/ecosystem.md §1). The selected draft orders, which the service proposes to change, are
-validated against the FHIR R4 JSON Schema in ``service.draft_schema``.
+Reading is defensive: a malformed element makes that one value unusable (and the card says what is missing);
+it never raises. Resources are read as JSON rather than through fhir.resources models: the rules need a few
+elements of a few resources, and model-validating every prefetched resource costs ~0.2 ms each. The selected
+draft orders, which the service proposes to change, are validated against the FHIR R4 JSON Schema by the
+service before they get here.
 """
 
 from __future__ import annotations
@@ -16,45 +19,31 @@ import contextlib
 import datetime as dt
 import functools
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cards import units
-from cards.codes import CodeSet, code_set, coded_set_names, text_set_names
+from cards.codes import CodeSet, Concept, coded_concept, coded_set_names, text_set_names
+from cards.dosing import Drug
+from cards.therapy import MedicationFact, Route, exposure_window, parse_date
 
 Sex = Literal["male", "female", "other", "unknown"]
 
-# policy.md §2 freshness windows, in days.
-FRESHNESS_DAYS = {
-    "creatinine": 7,  # serum creatinine 7 days
-    "anc": 7,  # blood counts 7 days
-    "platelets": 7,
-    "hemoglobin": 7,
-    "weight": 30,  # body weight 30 days
-    "viral_load": 14,  # CMV viral load 14 days
-}
-# Product safety limits, not label values (the references give none): a value outside them is a data
-# error (wrong unit, typo), treated as unusable so no dose is computed from it, and the card says so.
-# Cockcroft-Gault is meaningless at age ≥ 140, and mg/kg doses from a mistyped weight would be absurd.
-PLAUSIBLE: dict[str, tuple[float, float]] = {
-    "BodyWeight": (10.0, 500.0),  # kg
-    "BodyHeight": (50.0, 250.0),  # cm
-    "SerumCreatinine": (0.1, 25.0),  # mg/dL
-}
+# Product safety limits (docs/policy.md §3, "Plausibility limits"): a value outside is a data error (wrong
+# unit, typo) and is treated as unusable, so no dose is computed from it, and the card says so.
 MAX_PLAUSIBLE_AGE_YEARS = 125
 
-# policy.md §6: a positive hCG "within 30 days" counts as pregnancy.
+# docs/policy.md §6: a positive hCG "within 30 days" counts as pregnancy.
 PREGNANCY_TEST_WINDOW_DAYS = 30
-# clinical.md §4 / policy.md §4: a nephrotoxic agent active "in the last 7 days" bars cidofovir.
+# docs/clinical-basis.md §4.4: a nephrotoxic agent "in the last 7 days" bars cidofovir.
 NEPHROTOXIC_LOOKBACK_DAYS = 7
 
-# policy.md §2: Observations with these statuses are ignored ("preliminary" only when it has no value).
+# docs/policy.md §2: Observations with these statuses are ignored ("preliminary" only when it has no value).
 _IGNORED_STATUSES = frozenset({"entered-in-error", "cancelled"})
 _ACTIVE_CONDITION = frozenset({"active", "recurrence", "relapse"})
 _EXCLUDED_VERIFICATION = frozenset({"refuted", "entered-in-error"})
-_ACTIVE_MEDICATION = frozenset({"active", "on-hold", "draft"})
 
 # Text matches (not code matches) are ignored when the wording negates or qualifies the finding:
 # "HIV negative", "not pregnant", "pre-dialysis", "transplant donor", "CMV IgG positive" (serostatus).
@@ -65,15 +54,70 @@ _NEGATED = re.compile(
 )
 _UNDETECTED = re.compile(r"\b(not detected|undetect\w*|negative|below|<\s*lloq|none detected)\b", re.IGNORECASE)
 _DETECTED = re.compile(r"\b(detected|positive|reactive)\b", re.IGNORECASE)
-_RESISTANCE_TEXT = re.compile(r"\b(ul97|ul54)\b|ganciclovir[- ]resistan|resistant cmv|cmv resistan", re.IGNORECASE)
 _MUTATION = re.compile(r"\b[A-Z]\d{3}[A-Z]\b")
 
+
+@dataclass(frozen=True)
+class LabFamily:
+    """One measured value the rules read, from a family of codes (one ValueSet): the latest usable-status
+    result across the family wins (docs/policy.md §2, "Lab code families")."""
+
+    fact: str  # the PatientFacts attribute
+    set_name: str  # the ValueSet of the family (fhir_profiles/valuesets)
+    to_canonical: Mapping[str, float]  # unit → factor to the canonical unit
+    unit: str  # the canonical unit, as cards print it
+    label: str  # what the card calls it
+    freshness_days: int | None  # docs/policy.md §2 freshness window; None: never stale
+    plausible: tuple[float, float] | None  # docs/policy.md §3 plausibility limits, canonical unit
+    ordinal: Mapping[str, float] | None = None  # test-strip readings → nominal value (urine protein)
+
+
+LAB_FAMILIES: tuple[LabFamily, ...] = (
+    LabFamily("weight", "BodyWeight", units.WEIGHT_TO_KG, "kg", "body weight", 30, (10.0, 500.0)),
+    LabFamily("height", "BodyHeight", units.HEIGHT_TO_CM, "cm", "body height", None, (50.0, 250.0)),
+    LabFamily("creatinine", "SerumCreatinine", units.CREATININE_TO_MG_DL, "mg/dL", "serum creatinine", 7, (0.1, 25.0)),
+    LabFamily("anc", "NeutrophilCount", units.COUNT_TO_PER_UL, "cells/µL", "neutrophil count", 7, None),
+    LabFamily("platelets", "PlateletCount", units.COUNT_TO_PER_UL, "/µL", "platelet count", 7, None),
+    LabFamily("hemoglobin", "Hemoglobin", units.HEMOGLOBIN_TO_G_DL, "g/dL", "hemoglobin", 7, None),
+    LabFamily(
+        "urine_protein",
+        "UrineProtein",
+        units.URINE_PROTEIN_TO_MG_DL,
+        "mg/dL",
+        "urine protein",
+        None,
+        None,
+        ordinal=units.URINE_PROTEIN_STRIP_MG_DL,
+    ),
+)
+FAMILY_BY_FACT: dict[str, LabFamily] = {family.fact: family for family in LAB_FAMILIES}
+FRESHNESS_DAYS: dict[str, int] = {
+    **{family.fact: family.freshness_days for family in LAB_FAMILIES if family.freshness_days is not None},
+    "viral_load": 14,  # docs/policy.md §2: CMV viral load 14 days
+}
+PLAUSIBLE: dict[str, tuple[float, float]] = {
+    family.set_name: family.plausible for family in LAB_FAMILIES if family.plausible is not None
+}
+
+# CMV DNA results, most specific kind first: a coding decides the kind; a name only when no coding does.
+VIRAL_LOAD_SETS = ("CmvViralLoadIU", "CmvViralLoadLog10IU", "CmvViralLoadCopies", "CmvDnaQualitative")
+
+# Condition findings: fact name → (ValueSet, label when the condition has no text, CMV-related only).
 MANIFESTATION_SETS = {
     "pneumonitis": "CmvPneumonitis",
     "retinitis": "CmvRetinitis",
     "gastrointestinal": "CmvGastrointestinal",
     "cns": "CmvCns",
     "hepatitis": "CmvHepatitis",
+}
+CONDITION_FINDINGS: dict[str, tuple[str, str]] = {
+    "dialysis": ("DialysisDependence", "dialysis dependence"),
+    "transplant": ("OrganTransplant", "transplant recipient"),
+    "hiv": ("HivInfection", "HIV infection"),
+    "malabsorption": ("Malabsorption", "impaired GI absorption"),
+    "pregnancy": ("Pregnancy", "pregnancy"),
+    "dic": ("DisseminatedIntravascularCoagulation", "disseminated intravascular coagulation"),
+    "resistance": ("CmvResistance", "ganciclovir-resistant CMV"),
 }
 
 DRUG_SETS = (
@@ -91,9 +135,11 @@ DRUG_SETS = (
     "Immunosuppressants",
 )
 CMV_ANTIVIRALS = ("Ganciclovir", "Valganciclovir", "Foscarnet", "Cidofovir")
+_DRUG_SET_NAMES = frozenset(DRUG_SETS)
+_MANIFESTATION_SET_NAMES = frozenset(MANIFESTATION_SETS.values())
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Evidence:
     """Where a finding came from: the resource reference, its date, and a short label for the card."""
 
@@ -102,30 +148,33 @@ class Evidence:
     label: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Measurement:
-    """A numeric value in its canonical unit, with its date and source."""
+    """A numeric value in its canonical unit, with its date, source and the code that identified it."""
 
     value: float
     unit: str
     date: dt.date
     source: str
     stale: bool
+    code: str = ""  # e.g. "LOINC 38483-4 Creatinine [Mass/volume] in Blood", or how it was recognised
+    reading: str = ""  # a test-strip reading as reported ("2+"), when the value is its nominal equivalent
 
     def age_days(self, today: dt.date) -> int:
         return (today - self.date).days
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Unusable:
-    """The latest result exists but cannot be used (unit not recognised, no numeric value)."""
+    """The latest result exists but cannot be used (unit not recognised, no numeric value, implausible)."""
 
     reason: str
     source: str
     date: dt.date
+    code: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ViralLoad:
     """One CMV DNA result: IU/mL when quantitative in IU, ``undetectable`` when below detection."""
 
@@ -136,26 +185,30 @@ class ViralLoad:
     copies_per_ml: float | None = None
 
 
-@dataclass(frozen=True)
-class MedicationFact:
-    """An active (or recently stopped) medication or another draft order, classified by code set."""
+@dataclass(slots=True)
+class DraftDose:
+    """The dose of a draft order as written: mg (None: not stated in mg), ``invalid`` for a zero or negative
+    amount, doses per hour and route."""
 
-    source: str
-    name: str
-    sets: frozenset[str]
-    status: str
-    start: dt.date | None
-    end: dt.date | None
-    route: Literal["iv", "oral", "other", "unknown"]
-    draft: bool
-
-    def active_on(self, day: dt.date) -> bool:
-        if self.status in _ACTIVE_MEDICATION:
-            return self.end is None or self.end >= day
-        return self.end is not None and self.end >= day
+    mg: float | None
+    invalid: str | None
+    per_hour: float | None
+    route: Route
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
+class OrderFact:
+    """A selected draft order of a CMV antiviral: the drug, its dose as written, and whether it says it is a
+    maintenance regimen. ``resource`` is the validated draft, kept only to build update/delete actions."""
+
+    resource: Mapping[str, Any]
+    id: str
+    drug: Drug
+    dose: DraftDose
+    says_maintenance: bool
+
+
+@dataclass(slots=True)
 class PatientFacts:
     """Everything the CMV rules know about the patient, each value with its provenance."""
 
@@ -163,57 +216,42 @@ class PatientFacts:
     patient_source: str | None
     age_years: int | None
     sex: Sex
-    weight: Measurement | Unusable | None
-    height: Measurement | Unusable | None
-    creatinine: Measurement | Unusable | None
-    anc: Measurement | Unusable | None
-    platelets: Measurement | Unusable | None
-    hemoglobin: Measurement | Unusable | None
-    urine_protein: Measurement | Unusable | None
-    viral_loads: tuple[ViralLoad, ...]  # oldest first
-    pregnancy: Evidence | None
-    dialysis: Evidence | None
-    transplant: Evidence | None
-    hiv: Evidence | None
-    manifestations: Mapping[str, Evidence]
-    severe: Evidence | None
-    malabsorption: Evidence | None
-    resistance: Evidence | None
-    medications: tuple[MedicationFact, ...] = field(default=())
+    weight: Measurement | Unusable | None = None
+    height: Measurement | Unusable | None = None
+    creatinine: Measurement | Unusable | None = None
+    anc: Measurement | Unusable | None = None
+    platelets: Measurement | Unusable | None = None
+    hemoglobin: Measurement | Unusable | None = None
+    urine_protein: Measurement | Unusable | None = None
+    viral_loads: tuple[ViralLoad, ...] = ()  # oldest first
+    pregnancy: Evidence | None = None
+    dialysis: Evidence | None = None
+    transplant: Evidence | None = None
+    hiv: Evidence | None = None
+    malabsorption: Evidence | None = None
+    dic: Evidence | None = None
+    resistance: Evidence | None = None
+    severe: Evidence | None = None
+    cmv_disease: Evidence | None = None
+    manifestations: dict[str, Evidence] = field(default_factory=dict)
+    medications: tuple[MedicationFact, ...] = ()
+    orders: tuple[OrderFact, ...] = ()
 
     @property
     def latest_viral_load(self) -> ViralLoad | None:
         return self.viral_loads[-1] if self.viral_loads else None
 
     def medications_in(self, set_name: str, *, on: dt.date | None = None) -> list[MedicationFact]:
+        """The medications of a drug set that could have been given on ``on`` (default today)."""
         day = on or self.today
         return [m for m in self.medications if set_name in m.sets and m.active_on(day)]
 
-
-# --- small readers -----------------------------------------------------------------------------
-
-
-def parse_date(value: Any) -> dt.date | None:
-    """FHIR date/dateTime/instant → date (partial dates take the first day); None if unparseable."""
-    if not isinstance(value, str) or len(value) < 4:
-        return None
-    text = value.strip()
-    try:
-        if len(text) == 4:
-            return dt.date(int(text), 1, 1)
-        if len(text) == 7:
-            return dt.date(int(text[:4]), int(text[5:7]), 1)
-        if len(text) == 10:
-            return dt.date.fromisoformat(text)
-        return dt.datetime.fromisoformat(text.replace("z", "Z")).date()
-    except ValueError:
-        return None
+    def lab(self, fact: str) -> Measurement | Unusable | None:
+        value: Measurement | Unusable | None = getattr(self, fact)
+        return value
 
 
-def _reference(resource: Mapping[str, Any]) -> str:
-    kind = resource.get("resourceType")
-    ident = resource.get("id")
-    return f"{kind}/{ident}" if isinstance(ident, str) else f"{kind} (no id)"
+# --- concept matching, memoised per call --------------------------------------------------------------------------
 
 
 def _texts(concept: Any) -> list[str]:
@@ -242,14 +280,11 @@ def coded_in(concept: Any, value_set: CodeSet) -> bool:
     return value_set.matches_coding_only(concept)
 
 
-# Per-call memo of the registered code sets each CodeableConcept is in (the answers of the code above,
-# computed once per concept from per-coding and per-text lookups cached in cards.codes).
-# Why: build_facts and the rules ask some 300 (concept, set) questions per hook call, and each answer
-# re-normalised the codings and re-ran regexes over the texts: 0.8 ms of a ~3 ms call (bench/README.md).
-# Keyed by id() for speed; each entry keeps a reference to its concept, so the id cannot be reused by
-# another object while the memo lives, and the identity check rules out a stale hit. The memo lives for
-# one evaluate() / build_facts() call, during which the input resources are not modified.
-@dataclass(frozen=True)
+# Per-call memo of the registered code sets each CodeableConcept is in. Why: the service classifies the selected
+# drafts before the facts do, and the rules ask again about the same medications. Keyed by id() for speed; each
+# entry keeps a reference to its concept, so the id cannot be reused while the memo lives, and the identity check
+# rules out a stale hit. The memo lives for one call, during which the input resources are not modified.
+@dataclass(slots=True)
 class _ConceptSets:
     concept: Any
     coded: frozenset[str]  # sets matched by a coding (matches_coding_only)
@@ -308,6 +343,9 @@ def concept_label(concept: Any, fallback: str) -> str:
     return texts[0][:80] if texts else fallback
 
 
+# --- small readers -------------------------------------------------------------------------------------------------
+
+
 def parse_instant(value: Any) -> dt.datetime | None:
     """FHIR date/dateTime/instant → an aware datetime for ordering (dates at 00:00, naive times as UTC)."""
     day = parse_date(value)
@@ -324,8 +362,14 @@ def parse_instant(value: Any) -> dt.datetime | None:
     return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
 
 
+def _reference(resource: Mapping[str, Any]) -> str:
+    kind = resource.get("resourceType")
+    ident = resource.get("id")
+    return f"{kind}/{ident}" if isinstance(ident, str) else f"{kind} (no id)"
+
+
 def _observation_instant(observation: Mapping[str, Any]) -> dt.datetime | None:
-    """When the observation was made (policy.md §2: effectiveDateTime, else issued), to the second, so
+    """When the observation was made (docs/policy.md §2: effectiveDateTime, else issued), to the second, so
     that two results on the same day are ordered correctly."""
     for key in ("effectiveDateTime", "effectiveInstant", "issued"):
         found = parse_instant(observation.get(key))
@@ -335,11 +379,6 @@ def _observation_instant(observation: Mapping[str, Any]) -> dt.datetime | None:
     if isinstance(period, dict):
         return parse_instant(period.get("start")) or parse_instant(period.get("end"))
     return None
-
-
-def _observation_date(observation: Mapping[str, Any]) -> dt.date | None:
-    instant = _observation_instant(observation)
-    return instant.date() if instant else None
 
 
 def _has_value(observation: Mapping[str, Any]) -> bool:
@@ -353,127 +392,13 @@ def _usable_observation(observation: Mapping[str, Any]) -> bool:
     return not (status == "preliminary" and not _has_value(observation))
 
 
-@dataclass(frozen=True)
-class _TimedObservation:
-    """A usable, timed Observation with the code sets its code is in, classified once per call."""
-
-    instant: dt.datetime
-    observation: Mapping[str, Any]
-    coded: frozenset[str]  # sets named by a coding (coded_in)
-    matched: frozenset[str]  # sets named by a coding or a non-negated text (concept_in)
-
-
-def _index_observations(observations: Iterable[Mapping[str, Any]]) -> tuple[_TimedObservation, ...]:
-    """Usable observations with a time, oldest first by their full timestamp, each code classified once.
-
-    Why: every fact below asks "the observations of set X"; classifying each Observation once and
-    filtering by set name replaced ~200 (observation, set) questions per call (bench/README.md)."""
-    indexed = []
-    for observation in observations:
-        if not _usable_observation(observation):
-            continue
-        instant = _observation_instant(observation)
-        if instant is None:
-            continue
-        sets = _concept_sets(observation.get("code"))
-        indexed.append(_TimedObservation(instant, observation, sets.coded, sets.matched))
-    indexed.sort(key=lambda item: item.instant)  # stable: same-instant results keep their order
-    return tuple(indexed)
-
-
-def _observations_in(observations: Sequence[_TimedObservation], set_name: str) -> list[_TimedObservation]:
-    """The indexed observations of one code set, oldest first."""
-    code_set(set_name)  # an unknown set name is a programming error: KeyError naming the set
-    return [item for item in observations if set_name in item.matched]
-
-
-def _latest_measurement(
-    observations: Sequence[_TimedObservation],
-    set_name: str,
-    table: Mapping[str, float],
-    unit: str,
-    today: dt.date,
-    freshness_key: str | None,
-) -> Measurement | Unusable | None:
-    dated = _observations_in(observations, set_name)
-    if not dated:
-        return None
-    latest = dated[-1]
-    when, observation = latest.instant.date(), latest.observation
-    source = _reference(observation)
-    quantity = observation.get("valueQuantity")
-    value = units.quantity_in(quantity, table)
-    if value is None:
-        reason = (
-            f"unit '{units.unit_label(quantity)}' not recognised"
-            if isinstance(quantity, dict) and quantity.get("value") is not None
-            else "no numeric result"
-        )
-        return Unusable(reason=reason, source=source, date=when)
-    limits = PLAUSIBLE.get(set_name)
-    if limits is not None and not limits[0] <= value <= limits[1]:
-        reason = f"value {value:.4g} {unit} outside the plausible range {limits[0]:g}–{limits[1]:g} {unit}"
-        return Unusable(reason=reason, source=source, date=when)
-    window = FRESHNESS_DAYS.get(freshness_key or "")
-    stale = window is not None and (today - when).days > window
-    return Measurement(value=value, unit=unit, date=when, source=source, stale=stale)
-
-
-def _age(birth_date: dt.date | None, today: dt.date) -> int | None:
-    """Completed years on ``today`` (policy.md §3); None when unknown or implausible."""
-    if birth_date is None or birth_date > today:
-        return None
-    age = today.year - birth_date.year - ((today.month, today.day) < (birth_date.month, birth_date.day))
-    return age if age <= MAX_PLAUSIBLE_AGE_YEARS else None
-
-
-_VIRAL_LOAD_SETS = ("CmvViralLoadIU", "CmvViralLoadLog10IU", "CmvViralLoadCopies", "CmvDnaQualitative")
-
-
-def _viral_loads(observations: Sequence[_TimedObservation]) -> tuple[ViralLoad, ...]:
-    """The CMV DNA results, oldest first (the index is in time order)."""
-    loads: list[ViralLoad] = []
-    for item in observations:
-        # A coding decides the kind; a name match only when no coding does.
-        kind = next((name for name in _VIRAL_LOAD_SETS if name in item.coded), None)
-        if kind is None:
-            kind = next((name for name in _VIRAL_LOAD_SETS if name in item.matched), None)
-        if kind is None:
-            continue
-        observation = item.observation
-        when = item.instant.date()
-        source = _reference(observation)
-        quantity = observation.get("valueQuantity")
-        undetectable = _reads_undetectable(observation)
-        iu = copies = None
-        if isinstance(quantity, dict) and not undetectable:
-            comparator = quantity.get("comparator")
-            if comparator in ("<", "<="):
-                undetectable = True  # below the assay's reportable range
-            elif kind == "CmvViralLoadLog10IU":
-                log_value = units.quantity_in({**quantity, "code": "iu/ml"}, units.VIRAL_LOAD_TO_IU_ML)
-                # 10^12 IU/mL is beyond any assay's range: a larger log value is a data error (product limit).
-                iu = 10**log_value if log_value is not None and log_value < 12 else None
-            elif kind == "CmvViralLoadIU":
-                iu = units.quantity_in(quantity, units.VIRAL_LOAD_TO_IU_ML)
-            elif kind == "CmvViralLoadCopies":
-                copies = units.quantity_in(quantity, units.VIRAL_LOAD_COPIES)
-        if iu is not None and iu <= 0:
-            iu, undetectable = None, True
-        if iu is None and copies is None and not undetectable:
-            if kind == "CmvDnaQualitative" and _reads_detected(observation):
-                loads.append(ViralLoad(date=when, source=source, iu_per_ml=None, undetectable=False))
-            continue
-        loads.append(ViralLoad(date=when, source=source, iu_per_ml=iu, undetectable=undetectable, copies_per_ml=copies))
-    return tuple(loads)
-
-
 def _value_texts(observation: Mapping[str, Any]) -> list[str]:
     texts = []
     if isinstance(observation.get("valueString"), str):
         texts.append(observation["valueString"])
     texts += _texts(observation.get("valueCodeableConcept"))
-    for interpretation in observation.get("interpretation") or []:
+    interpretations = observation.get("interpretation")
+    for interpretation in interpretations if isinstance(interpretations, list) else ():
         texts += _texts(interpretation)
     return texts
 
@@ -486,26 +411,6 @@ def _reads_detected(observation: Mapping[str, Any]) -> bool:
     return any(_DETECTED.search(t) and not _UNDETECTED.search(t) for t in _value_texts(observation))
 
 
-def _positive_pregnancy_test(observations: Sequence[_TimedObservation], today: dt.date) -> Evidence | None:
-    for item in reversed(_observations_in(observations, "PregnancyTest")):
-        when, observation = item.instant.date(), item.observation
-        if (today - when).days > PREGNANCY_TEST_WINDOW_DAYS:
-            break
-        # Qualitative tests say positive/detected; a quantitative hCG counts only when the lab flags it
-        # positive or high (no numeric cut-off is in the reference).
-        interpretation_codes = {
-            c.get("code")
-            for i in observation.get("interpretation") or []
-            if isinstance(i, dict)
-            for c in i.get("coding") or []
-            if isinstance(c, dict)
-        }
-        if _reads_detected(observation) or interpretation_codes & {"POS", "H", "HH", "A"}:
-            return Evidence(_reference(observation), when, "positive pregnancy test")
-        return None  # the latest test within the window is negative
-    return None
-
-
 def coding_codes(concept: Any) -> set[str]:
     """The string codes of a CodeableConcept's codings; malformed parts are ignored."""
     codings = concept.get("coding") if isinstance(concept, dict) else None
@@ -514,45 +419,41 @@ def coding_codes(concept: Any) -> set[str]:
     return {c["code"] for c in codings if isinstance(c, dict) and isinstance(c.get("code"), str)}
 
 
-def _active_condition(condition: Mapping[str, Any], today: dt.date) -> bool:
-    codes = coding_codes(condition.get("clinicalStatus"))
-    if codes and not codes & _ACTIVE_CONDITION:
-        return False
-    if coding_codes(condition.get("verificationStatus")) & _EXCLUDED_VERIFICATION:
-        return False
-    abated = parse_date(condition.get("abatementDateTime"))
-    return abated is None or abated > today
+def _code_label(concept: Any, set_name: str) -> str:
+    """How a result was identified, for the card: the family code and its display (which names the specimen),
+    or the name it was recognised by."""
+    found: Concept | None = coded_concept(concept, set_name)
+    if found is not None:
+        system = "LOINC" if found.system == "http://loinc.org" else found.system
+        return f"{system} {found.code} {found.display}"
+    texts = _texts(concept)
+    return f"recognised by its name '{texts[0][:60]}'" if texts else "recognised by its name"
 
 
-def _resistance(observations: Sequence[Mapping[str, Any]], conditions: Sequence[Mapping[str, Any]]) -> Evidence | None:
-    """A reported UL97/UL54 mutation (policy.md §6) in a genotype result, or a resistance diagnosis."""
-    for observation in observations:
-        names = " ".join(_texts(observation.get("code")))
-        if not _RESISTANCE_TEXT.search(names) or not _usable_observation(observation):
-            continue
-        values = _value_texts(observation)
-        if any(_MUTATION.search(v) for v in values) or _reads_detected(observation):
-            return Evidence(_reference(observation), _observation_date(observation), "UL97/UL54 mutation reported")
-    for condition in conditions:
-        if any(_RESISTANCE_TEXT.search(t) and not _NEGATED.search(t) for t in _texts(condition.get("code"))):
-            return Evidence(
-                _reference(condition), parse_date(condition.get("recordedDate")), "ganciclovir-resistant CMV"
-            )
-    return None
-
+# --- medications --------------------------------------------------------------------------------------------------
 
 _ROUTE_IV = re.compile(r"\b(iv|intravenous\w*|i\.v\.)\b", re.IGNORECASE)
 _ROUTE_ORAL = re.compile(r"\b(po|oral\w*|by mouth|p\.o\.)\b", re.IGNORECASE)
-ROUTE_IV_SNOMED = "47625008"  # policy.md §8
-ROUTE_ORAL_SNOMED = "26643006"  # policy.md §8
+ROUTE_IV_SNOMED = "47625008"  # docs/policy.md §9 (FHIR encoding): SNOMED CT intravenous route
+ROUTE_ORAL_SNOMED = "26643006"  # SNOMED CT oral route
 
 
-def medication_route(request: Mapping[str, Any]) -> Literal["iv", "oral", "other", "unknown"]:
-    """The route of a MedicationRequest's first dosage: SNOMED code, else route text."""
+def _object(value: Any) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else an empty one (malformed input reads as absent)."""
+    return value if isinstance(value, dict) else {}
+
+
+def _first_dosage(request: Mapping[str, Any]) -> dict[str, Any]:
     dosages = request.get("dosageInstruction")
-    dosage = dosages[0] if isinstance(dosages, list) and dosages and isinstance(dosages[0], dict) else {}
+    return dosages[0] if isinstance(dosages, list) and dosages and isinstance(dosages[0], dict) else {}
+
+
+def medication_route(request: Mapping[str, Any]) -> Route:
+    """The route of a MedicationRequest's first dosage: SNOMED code, else route text."""
+    dosage = _first_dosage(request)
     route = dosage.get("route")
-    for coding in (route or {}).get("coding") or [] if isinstance(route, dict) else []:
+    codings = route.get("coding") if isinstance(route, dict) else None
+    for coding in codings if isinstance(codings, list) else ():
         if isinstance(coding, dict) and coding.get("code") == ROUTE_IV_SNOMED:
             return "iv"
         if isinstance(coding, dict) and coding.get("code") == ROUTE_ORAL_SNOMED:
@@ -576,9 +477,6 @@ def medication_concept(request: Mapping[str, Any]) -> Any:
     return None
 
 
-_DRUG_SET_NAMES = frozenset(DRUG_SETS)
-
-
 def medication_sets(request: Mapping[str, Any]) -> frozenset[str]:
     """The drug code sets (``DRUG_SETS``) a MedicationRequest's medication is in (``concept_in``)."""
     return _concept_sets(medication_concept(request)).matched & _DRUG_SET_NAMES
@@ -588,16 +486,8 @@ def _medication_fact(request: Mapping[str, Any], *, draft: bool) -> MedicationFa
     sets = medication_sets(request)
     if not sets:
         return None
-    dosages = request.get("dosageInstruction")
-    bounds: Any = None
-    if isinstance(dosages, list) and dosages and isinstance(dosages[0], dict):
-        timing = dosages[0].get("timing")
-        repeat = timing.get("repeat") if isinstance(timing, dict) else None
-        bounds = repeat.get("boundsPeriod") if isinstance(repeat, dict) else None
-    start = parse_date(bounds.get("start")) if isinstance(bounds, dict) else None
-    end = parse_date(bounds.get("end")) if isinstance(bounds, dict) else None
-    start = start or parse_date(request.get("authoredOn"))
     status = request.get("status") if isinstance(request.get("status"), str) else "unknown"
+    start, end = exposure_window(request, str(status))
     return MedicationFact(
         source=_reference(request),
         name=concept_label(medication_concept(request), "medication"),
@@ -610,7 +500,99 @@ def _medication_fact(request: Mapping[str, Any], *, draft: bool) -> MedicationFa
     )
 
 
-# --- assembly ----------------------------------------------------------------------------------
+# --- draft orders -------------------------------------------------------------------------------------------------
+
+_TIMING_CODES: dict[str, float] = {  # doses per hour for common HL7 v3 GTSAbbreviation codes
+    "QD": 1 / 24,
+    "BID": 2 / 24,
+    "TID": 3 / 24,
+    "QID": 4 / 24,
+    "QOD": 1 / 48,
+    "Q8H": 1 / 8,
+    "Q12H": 1 / 12,
+    "Q24H": 1 / 24,
+}
+_PERIOD_HOURS = {"h": 1.0, "d": 24.0, "wk": 168.0, "min": 1 / 60, "s": 1 / 3600, "mo": 720.0}
+_MAINTENANCE = re.compile(r"\bmaintenance\b", re.IGNORECASE)
+
+
+def read_draft_dose(order: Mapping[str, Any], weight_kg: float | None) -> DraftDose:
+    """The dose (mg), frequency (doses/hour) and route of a draft's first dosage, where present. A zero or
+    negative amount is not a dose: it is reported as invalid (the card says so and proposes the computed one)."""
+    dosage = _first_dosage(order)
+    mg: float | None = None
+    invalid: str | None = None
+    rates = dosage.get("doseAndRate")
+    for rate in rates if isinstance(rates, list) else ():
+        quantity = rate.get("doseQuantity") if isinstance(rate, dict) else None
+        value = quantity.get("value") if isinstance(quantity, dict) else None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        assert isinstance(quantity, dict)
+        unit = str(quantity.get("code") or quantity.get("unit") or "").strip().lower()
+        if value <= 0:
+            invalid = f"{value:g} {unit or 'no unit'}"
+        elif unit == "mg":
+            mg = float(value)
+        elif unit == "g":
+            mg = float(value) * 1000
+        elif unit == "mg/kg" and weight_kg:
+            mg = float(value) * weight_kg
+        break
+    per_hour: float | None = None
+    timing = _object(dosage.get("timing"))
+    repeat = _object(timing.get("repeat"))
+    period, period_unit = repeat.get("period"), repeat.get("periodUnit")
+    if isinstance(period, int | float) and period > 0 and period_unit in _PERIOD_HOURS:
+        frequency = repeat.get("frequency", 1)
+        if isinstance(frequency, int | float) and frequency > 0:
+            per_hour = frequency / (period * _PERIOD_HOURS[period_unit])
+    else:
+        codings = _object(timing.get("code")).get("coding")
+        for coding in codings if isinstance(codings, list) else ():
+            if isinstance(coding, dict) and str(coding.get("code", "")).upper() in _TIMING_CODES:
+                per_hour = _TIMING_CODES[str(coding["code"]).upper()]
+    return DraftDose(mg=mg, invalid=invalid, per_hour=per_hour, route=medication_route(order))
+
+
+def says_maintenance(order: Mapping[str, Any]) -> bool:
+    """The draft says in its dosage text, notes or course of therapy that it is a maintenance regimen."""
+    texts: list[str] = []
+    for key in ("dosageInstruction", "note"):
+        items = order.get(key)
+        for item in items if isinstance(items, list) else ():
+            if isinstance(item, dict) and isinstance(item.get("text"), str):
+                texts.append(item["text"])
+    texts += _texts(order.get("courseOfTherapyType"))
+    return any(_MAINTENANCE.search(text) for text in texts)
+
+
+_DRUGS: tuple[tuple[str, Drug], ...] = (
+    ("Valganciclovir", "valganciclovir"),
+    ("Ganciclovir", "ganciclovir"),
+    ("Foscarnet", "foscarnet"),
+    ("Cidofovir", "cidofovir"),
+)
+
+
+def cmv_drug(order: Mapping[str, Any]) -> Drug | None:
+    """The CMV antiviral a MedicationRequest orders, by RxNorm code or name; None otherwise.
+
+    Ganciclovir by a route other than IV (ophthalmic gel, intravitreal implant) is not systemic therapy
+    and is not this service's concern; a draft without a route yet is taken as the IV drug.
+    """
+    if order.get("resourceType") != "MedicationRequest":
+        return None
+    sets = medication_sets(order)
+    for set_name, drug in _DRUGS:
+        if set_name in sets:
+            if drug == "ganciclovir" and medication_route(order) in ("other", "oral"):
+                return None
+            return drug
+    return None
+
+
+# --- assembly: one pass over the resources -------------------------------------------------------------------------
 
 
 def build_facts(
@@ -618,104 +600,260 @@ def build_facts(
     other_draft_orders: Iterable[Mapping[str, Any]],
     patient_id: str,
     today: dt.date,
+    selected_orders: Iterable[Mapping[str, Any]] = (),
 ) -> PatientFacts:
-    """Collect the facts from every resource the request carried or the service fetched."""
+    """Collect the facts from every resource the request carried or the service fetched, in one pass."""
     with concept_memo():
-        return _build_facts(resources, other_draft_orders, patient_id, today)
+        return _FactBuilder(patient_id, today).build(resources, other_draft_orders, selected_orders)
 
 
-def _build_facts(
-    resources: Iterable[Mapping[str, Any]],
-    other_draft_orders: Iterable[Mapping[str, Any]],
-    patient_id: str,
-    today: dt.date,
-) -> PatientFacts:
-    by_type: dict[str, dict[str, Mapping[str, Any]]] = {}
-    for resource in resources:
-        if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
-            continue
-        key = str(resource["id"]) if isinstance(resource.get("id"), str) else str(id(resource))
-        by_type.setdefault(resource["resourceType"], {})[key] = resource  # one copy per id
-    patient = by_type.get("Patient", {}).get(patient_id)
-    observations = list(by_type.get("Observation", {}).values())
-    timed = _index_observations(observations)
-    conditions = [c for c in by_type.get("Condition", {}).values() if _active_condition(c, today)]
+@dataclass(slots=True)
+class _Latest:
+    instant: dt.datetime
+    observation: Mapping[str, Any]
 
-    birth = parse_date(patient.get("birthDate")) if patient else None
-    gender = patient.get("gender") if patient else None
-    sex: Sex = gender if gender in ("male", "female", "other") else "unknown"
 
-    cmv_conditions = [c for c in conditions if _cmv_related(c.get("code"))]
+_FAMILY_BY_SET = {family.set_name: family for family in LAB_FAMILIES}
+_FINDING_BY_SET = {set_name: (fact, label) for fact, (set_name, label) in CONDITION_FINDINGS.items()}
+_MANIFESTATION_BY_SET = {set_name: name for name, set_name in MANIFESTATION_SETS.items()}
 
-    def finding(set_name: str, label: str, *, cmv_only: bool = False) -> Evidence | None:
-        value_set = code_set(set_name)
-        for condition in cmv_conditions if cmv_only else conditions:
-            code = condition.get("code")
-            if concept_in(code, value_set):
-                return Evidence(
-                    _reference(condition),
-                    parse_date(condition.get("recordedDate")),
-                    concept_label(code, label),
-                )
+
+class _FactBuilder:
+    """The single pass: each resource is classified once and dispatched to the facts it feeds."""
+
+    __slots__ = ("_latest", "_loads", "_pregnancy_tests", "conditions_seen", "facts", "patient_id", "today")
+
+    def __init__(self, patient_id: str, today: dt.date) -> None:
+        self.patient_id = patient_id
+        self.today = today
+        self.facts = PatientFacts(today=today, patient_source=None, age_years=None, sex="unknown")
+        self._latest: dict[str, _Latest] = {}
+        self._loads: list[tuple[dt.datetime, ViralLoad]] = []
+        self._pregnancy_tests: list[_Latest] = []
+        self.conditions_seen: set[str] = set()
+
+    def build(
+        self,
+        resources: Iterable[Mapping[str, Any]],
+        other_draft_orders: Iterable[Mapping[str, Any]],
+        selected_orders: Iterable[Mapping[str, Any]],
+    ) -> PatientFacts:
+        facts = self.facts
+        medications: dict[str, MedicationFact] = {}
+        seen: set[tuple[str, str]] = set()
+        for resource in resources:
+            if not isinstance(resource, dict):
+                continue
+            kind = resource.get("resourceType")
+            ident = resource.get("id")
+            if isinstance(kind, str) and isinstance(ident, str):
+                if (kind, ident) in seen:
+                    continue  # the same resource from two prefetch keys or pages: read once
+                seen.add((kind, ident))
+            if kind == "Observation":
+                self._observation(resource)
+            elif kind == "Condition":
+                self._condition(resource)
+            elif kind == "MedicationRequest":
+                fact = _medication_fact(resource, draft=False)
+                if fact is not None:
+                    medications[fact.source] = fact
+            elif kind == "Patient" and ident == self.patient_id:
+                self._patient(resource)
+        for order in other_draft_orders:
+            if isinstance(order, dict) and order.get("resourceType") == "MedicationRequest":
+                fact = _medication_fact(order, draft=True)
+                if fact is not None:
+                    medications[f"draft {fact.source}"] = fact
+        facts.medications = tuple(medications.values())
+        self._labs()
+        self._loads.sort(key=lambda item: item[0])  # stable: same-instant results keep their order
+        facts.viral_loads = tuple(load for _, load in self._loads)
+        facts.pregnancy = self._positive_pregnancy_test() or facts.pregnancy
+        weight = facts.weight.value if isinstance(facts.weight, Measurement) else None
+        facts.orders = tuple(
+            OrderFact(order, str(order.get("id", "")), drug, read_draft_dose(order, weight), says_maintenance(order))
+            for order in selected_orders
+            if (drug := cmv_drug(order)) is not None
+        )
+        return facts
+
+    # -- Patient
+    def _patient(self, patient: Mapping[str, Any]) -> None:
+        facts = self.facts
+        facts.patient_source = _reference(patient)
+        birth = parse_date(patient.get("birthDate"))
+        if birth is not None and birth <= self.today:
+            age = self.today.year - birth.year - ((self.today.month, self.today.day) < (birth.month, birth.day))
+            facts.age_years = age if age <= MAX_PLAUSIBLE_AGE_YEARS else None
+        gender = patient.get("gender")
+        facts.sex = gender if gender in ("male", "female", "other") else "unknown"
+
+    # -- Observation
+    def _observation(self, observation: Mapping[str, Any]) -> None:
+        if not _usable_observation(observation):
+            return
+        sets = _concept_sets(observation.get("code"))
+        if not sets.matched:
+            return
+        instant = _observation_instant(observation)
+        if instant is None:
+            return
+        for set_name in sets.matched:
+            if set_name in _FAMILY_BY_SET:
+                best = self._latest.get(set_name)
+                if best is None or instant >= best.instant:  # same instant: the later-listed result
+                    self._latest[set_name] = _Latest(instant, observation)
+            elif set_name == "PregnancyTest":
+                self._pregnancy_tests.append(_Latest(instant, observation))
+            elif set_name == "CmvResistance" and self.facts.resistance is None:
+                values = _value_texts(observation)
+                if any(_MUTATION.search(v) for v in values) or _reads_detected(observation):
+                    self.facts.resistance = Evidence(
+                        _reference(observation), instant.date(), "UL97/UL54 mutation reported"
+                    )
+        kind = next((name for name in VIRAL_LOAD_SETS if name in sets.coded), None) or next(
+            (name for name in VIRAL_LOAD_SETS if name in sets.matched), None
+        )
+        if kind is not None:
+            load = _viral_load(observation, kind, instant.date())
+            if load is not None:
+                self._loads.append((instant, load))
+
+    def _labs(self) -> None:
+        for family in LAB_FAMILIES:
+            latest = self._latest.get(family.set_name)
+            if latest is not None:
+                setattr(self.facts, family.fact, _measure(latest, family, self.today))
+
+    def _positive_pregnancy_test(self) -> Evidence | None:
+        """The latest pregnancy test within 30 days decides (docs/policy.md §6)."""
+        if not self._pregnancy_tests:
+            return None
+        latest = max(self._pregnancy_tests, key=lambda item: item.instant)
+        when, observation = latest.instant.date(), latest.observation
+        if (self.today - when).days > PREGNANCY_TEST_WINDOW_DAYS:
+            return None
+        # Qualitative tests say positive/detected; a quantitative hCG counts only when the lab flags it
+        # positive or high (the sources give no numeric cut-off).
+        interpretations = observation.get("interpretation")
+        flags = (
+            {code for item in interpretations for code in coding_codes(item)}
+            if isinstance(interpretations, list)
+            else set()
+        )
+        if _reads_detected(observation) or flags & {"POS", "H", "HH", "A"}:
+            return Evidence(_reference(observation), when, "positive pregnancy test")
         return None
 
-    manifestations = {
-        name: evidence
-        for name, set_name in MANIFESTATION_SETS.items()
-        if (evidence := finding(set_name, name, cmv_only=True)) is not None
-    }
-    severe = None
-    severity_set = code_set("SevereSeverity")
-    for condition in cmv_conditions:
-        if concept_in(condition.get("severity"), severity_set) or severity_set.matches_text(
-            " ".join(_texts(condition.get("code")))
+    # -- Condition
+    def _condition(self, condition: Mapping[str, Any]) -> None:
+        if not _active_condition(condition, self.today):
+            return
+        code = condition.get("code")
+        sets = _concept_sets(code)
+        if not sets.matched:
+            return
+        facts = self.facts
+        cmv = "CmvInfection" in sets.matched or not sets.coded.isdisjoint(_MANIFESTATION_SET_NAMES)
+
+        def evidence(label: str) -> Evidence:
+            return Evidence(
+                _reference(condition), parse_date(condition.get("recordedDate")), concept_label(code, label)
+            )
+
+        for set_name in sets.matched:
+            finding = _FINDING_BY_SET.get(set_name)
+            if finding is not None and getattr(facts, finding[0]) is None:
+                setattr(facts, finding[0], evidence(finding[1]))
+            manifestation = _MANIFESTATION_BY_SET.get(set_name)
+            if manifestation is not None and cmv and manifestation not in facts.manifestations:
+                facts.manifestations[manifestation] = evidence(manifestation)
+        if cmv:
+            if facts.cmv_disease is None:
+                facts.cmv_disease = evidence("CMV disease")
+            if facts.severe is None and (
+                "SevereSeverity" in _concept_sets(condition.get("severity")).matched or "SevereSeverity" in sets.matched
+            ):
+                facts.severe = Evidence(
+                    _reference(condition), parse_date(condition.get("recordedDate")), "severe CMV disease"
+                )
+
+
+def _active_condition(condition: Mapping[str, Any], today: dt.date) -> bool:
+    codes = coding_codes(condition.get("clinicalStatus"))
+    if codes and not codes & _ACTIVE_CONDITION:
+        return False
+    if coding_codes(condition.get("verificationStatus")) & _EXCLUDED_VERIFICATION:
+        return False
+    abated = parse_date(condition.get("abatementDateTime"))
+    return abated is None or abated > today
+
+
+def _measure(latest: _Latest, family: LabFamily, today: dt.date) -> Measurement | Unusable:
+    """The latest result of a family in its canonical unit, or why it cannot be used."""
+    when, observation = latest.instant.date(), latest.observation
+    source = _reference(observation)
+    code = _code_label(observation.get("code"), family.set_name)
+    quantity = observation.get("valueQuantity")
+    value = units.quantity_in(quantity, family.to_canonical)
+    reading = ""
+    if value is None and family.ordinal is not None and not isinstance(quantity, dict):
+        reading, value = _ordinal_reading(observation, family.ordinal)
+    if value is None:
+        if isinstance(quantity, dict) and quantity.get("value") is not None:
+            reason = f"unit '{units.unit_label(quantity)}' not recognised"
+        elif reading:
+            reason = f"reading '{reading}' not recognised"
+        else:
+            reason = "no numeric result"
+        return Unusable(reason=reason, source=source, date=when, code=code)
+    if family.plausible is not None and not family.plausible[0] <= value <= family.plausible[1]:
+        low, high = family.plausible
+        reason = f"value {value:.4g} {family.unit} outside the plausible range {low:g}–{high:g} {family.unit}"
+        return Unusable(reason=reason, source=source, date=when, code=code)
+    stale = family.freshness_days is not None and (today - when).days > family.freshness_days
+    return Measurement(value, family.unit, when, source, stale, code, reading)
+
+
+def _ordinal_reading(observation: Mapping[str, Any], scale: Mapping[str, float]) -> tuple[str, float | None]:
+    """A test-strip result reported as text or a coded ordinal ("2+", "++", "trace", "negative")."""
+    for code in coding_codes(observation.get("valueCodeableConcept")):
+        grade = units.URINE_PROTEIN_STRIP_SNOMED.get(code)
+        if grade is not None:
+            return grade, scale[grade]
+    texts = _value_texts(observation)
+    for text in texts:
+        key = units.normalise_strip_reading(text)
+        if key in scale:
+            return text.strip()[:32], scale[key]
+    return (texts[0].strip()[:32] if texts else ""), None
+
+
+def _viral_load(observation: Mapping[str, Any], kind: str, when: dt.date) -> ViralLoad | None:
+    source = _reference(observation)
+    quantity = observation.get("valueQuantity")
+    undetectable = _reads_undetectable(observation)
+    iu = copies = None
+    if isinstance(quantity, dict) and not undetectable:
+        comparator = quantity.get("comparator")
+        if comparator in ("<", "<="):
+            undetectable = True  # below the assay's reportable range
+        elif kind == "CmvViralLoadLog10IU" or (
+            kind == "CmvViralLoadIU" and "log" in units.unit_label(quantity).lower()
         ):
-            severe = Evidence(_reference(condition), parse_date(condition.get("recordedDate")), "severe CMV disease")
-            break
-
-    medications = [
-        fact
-        for request in by_type.get("MedicationRequest", {}).values()
-        if (fact := _medication_fact(request, draft=False)) is not None
-    ]
-    medications += [
-        fact
-        for request in other_draft_orders
-        if isinstance(request, dict) and request.get("resourceType") == "MedicationRequest"
-        if (fact := _medication_fact(request, draft=True)) is not None
-    ]
-
-    return PatientFacts(
-        today=today,
-        patient_source=_reference(patient) if patient else None,
-        age_years=_age(birth, today),
-        sex=sex,
-        weight=_latest_measurement(timed, "BodyWeight", units.WEIGHT_TO_KG, "kg", today, "weight"),
-        height=_latest_measurement(timed, "BodyHeight", units.HEIGHT_TO_CM, "cm", today, None),
-        creatinine=_latest_measurement(
-            timed, "SerumCreatinine", units.CREATININE_TO_MG_DL, "mg/dL", today, "creatinine"
-        ),
-        anc=_latest_measurement(timed, "NeutrophilCount", units.COUNT_TO_PER_UL, "cells/µL", today, "anc"),
-        platelets=_latest_measurement(timed, "PlateletCount", units.COUNT_TO_PER_UL, "/µL", today, "platelets"),
-        hemoglobin=_latest_measurement(timed, "Hemoglobin", units.HEMOGLOBIN_TO_G_DL, "g/dL", today, "hemoglobin"),
-        urine_protein=_latest_measurement(timed, "UrineProtein", units.URINE_PROTEIN_TO_MG_DL, "mg/dL", today, None),
-        viral_loads=_viral_loads(timed),
-        pregnancy=_positive_pregnancy_test(timed, today) or finding("Pregnancy", "pregnancy"),
-        dialysis=finding("DialysisDependence", "dialysis dependence"),
-        transplant=finding("OrganTransplant", "transplant recipient"),
-        hiv=finding("HivInfection", "HIV infection"),
-        manifestations=manifestations,
-        severe=severe,
-        malabsorption=finding("Malabsorption", "impaired GI absorption"),
-        resistance=_resistance(observations, conditions),
-        medications=tuple(medications),
-    )
-
-
-_MANIFESTATION_SET_NAMES = frozenset(MANIFESTATION_SETS.values())
-
-
-def _cmv_related(concept: Any) -> bool:
-    """Named as CMV infection, or coded as a CMV manifestation."""
-    sets = _concept_sets(concept)
-    return "CmvInfection" in sets.matched or not sets.coded.isdisjoint(_MANIFESTATION_SET_NAMES)
+            # Some laboratories report log10 IU/mL under the IU code (docs/clinical-basis.md §9): the unit decides.
+            log_value = units.quantity_in({**quantity, "code": "iu/ml"}, units.VIRAL_LOAD_TO_IU_ML)
+            # 10^12 IU/mL is beyond any assay's range: a larger log value is a data error (product limit).
+            iu = 10**log_value if log_value is not None and log_value < 12 else None
+        elif kind == "CmvViralLoadIU":
+            iu = units.quantity_in(quantity, units.VIRAL_LOAD_TO_IU_ML)
+        elif kind == "CmvViralLoadCopies":
+            copies = units.quantity_in(quantity, units.VIRAL_LOAD_COPIES)
+    if iu is not None and iu <= 0:
+        iu, undetectable = None, True
+    if iu is None and copies is None and not undetectable:
+        if kind == "CmvDnaQualitative" and _reads_detected(observation):
+            return ViralLoad(date=when, source=source, iu_per_ml=None, undetectable=False)
+        return None
+    return ViralLoad(date=when, source=source, iu_per_ml=iu, undetectable=undetectable, copies_per_ml=copies)

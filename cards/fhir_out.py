@@ -1,7 +1,7 @@
-"""The FHIR R4 resources the cards propose, encoded as policy.md §8 fixes.
+"""The FHIR R4 resources the cards propose, encoded as docs/policy.md §13 fixes.
 
 MedicationRequest: status ``draft``, intent ``order``, the patient as subject, medicationCodeableConcept
-(generic name as text + an RxNorm coding taken from the drug's ValueSet, only a code clinical.md
+(generic name as text + an RxNorm coding taken from the drug's ValueSet, only a code docs/clinical-basis.md
 verifies), dosageInstruction[0] with text, SNOMED route, timing.repeat and doseQuantity in mg (UCUM),
 reasonCode CMV and a note with the computation. ServiceRequests (monitoring) are drafts coded in LOINC.
 Tests validate every proposed resource with the fhir.resources R4B models.
@@ -23,8 +23,8 @@ from cards.dosing import Schedule
 
 UCUM = "http://unitsofmeasure.org"
 ROUTES = {
-    "iv": {"system": SNOMED, "code": "47625008", "display": "Intravenous route"},  # policy.md §8
-    "oral": {"system": SNOMED, "code": "26643006", "display": "Oral route"},  # policy.md §8
+    "iv": {"system": SNOMED, "code": "47625008", "display": "Intravenous route"},  # docs/policy.md §13
+    "oral": {"system": SNOMED, "code": "26643006", "display": "Oral route"},  # docs/policy.md §13
 }
 GENERIC_NAMES = {
     "Ganciclovir": "ganciclovir",
@@ -37,7 +37,7 @@ GENERIC_NAMES = {
 
 @functools.cache
 def verified_rxnorm(set_name: str) -> Concept | None:
-    """The first RxNorm code of a drug's ValueSet that clinical.md marks VERIFIED (any kind), if any."""
+    """The first RxNorm code of a drug's ValueSet marked VERIFIED (any kind; docs/clinical-basis.md §9), if any."""
     for concept in code_set(set_name).concepts:
         if concept.system == RXNORM and concept.verification.startswith("VERIFIED"):
             return concept
@@ -55,7 +55,7 @@ def medication_concept(set_name: str, text: str | None = None) -> dict[str, Any]
 
 @functools.cache
 def cmv_reason() -> dict[str, Any]:
-    """reasonCode: CMV infection (SNOMED 28944009, clinical.md §7.3), from the CmvInfection ValueSet."""
+    """reasonCode: CMV infection (SNOMED 28944009, docs/clinical-basis.md §9), from the CmvInfection ValueSet."""
     concept = next(c for c in code_set("CmvInfection").concepts if c.system == SNOMED)
     return {
         "coding": [{"system": SNOMED, "code": concept.code, "display": concept.display}],
@@ -148,7 +148,7 @@ def new_medication_request(
 def updated_medication_request(draft: Mapping[str, Any], dosage: DoseSpec, note: str, set_name: str) -> dict[str, Any]:
     """The selected draft in its entirety with the computed dosage (an ``update`` keeps its id).
 
-    Every element of the draft is kept, except what policy.md §8 requires of a proposal: status/intent,
+    Every element of the draft is kept, except what docs/policy.md §13 requires of a proposal: status/intent,
     a medicationCodeableConcept with the generic name as text and an RxNorm coding (added to the
     clinician's own codings when missing; a medicationReference becomes the equivalent concept, keeping
     its display), reasonCode CMV if the draft had none, and a note with the computation.
@@ -186,7 +186,7 @@ def service_request(
     schedule: Schedule | None = None,
     duration_days: int | None = None,
 ) -> dict[str, Any]:
-    """A draft ServiceRequest for a lab, coded with the first LOINC code of ``set_name`` (policy.md §7-§8)."""
+    """A draft ServiceRequest for a lab, coded with the first LOINC code of ``set_name`` (docs/policy.md §12-§13)."""
     concept = next(c for c in code_set(set_name).concepts if c.system == LOINC)
     request: dict[str, Any] = {
         "resourceType": "ServiceRequest",

@@ -1,19 +1,21 @@
-"""From patient facts to a regimen: clearance, table row, dose in mg — or what is missing.
+"""From patient facts to a regimen: clearance, table row, dose in mg — or why not.
 
-The result is one of ``Regimen`` (a dose to propose), ``Missing`` (data the dose needs is absent,
-unusable; policy.md §2: no dose is proposed) or ``NotRecommended`` (the label's table says so, or the
-cidofovir start criteria are not met).
+The result is one of ``Regimen`` (a dose to propose), ``NotRecommended`` (what the available data proves: the
+label's table says so, or a cidofovir start criterion fails) or ``Missing`` (data the decision needs is
+absent or unusable, docs/policy.md §2: no dose is proposed). What is known outranks what is missing
+(docs/policy.md §10): ``compute`` first looks for a "not recommended" that the available values already prove,
+and only then asks for what is missing; a ``NotRecommended`` still names the inputs that were missing.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from cards import dosing
 from cards.dosing import DoseRow, Drug, Phase, Schedule
-from cards.facts import FRESHNESS_DAYS, NEPHROTOXIC_LOOKBACK_DAYS, Measurement, PatientFacts, Unusable
+from cards.facts import FAMILY_BY_FACT, NEPHROTOXIC_LOOKBACK_DAYS, Measurement, PatientFacts, Unusable
 from cards.renal import Clearance, DosingWeight, cockcroft_gault, dosing_weight
 
 ROUTE: dict[Drug, Literal["iv", "oral"]] = {
@@ -22,32 +24,34 @@ ROUTE: dict[Drug, Literal["iv", "oral"]] = {
     "foscarnet": "iv",
     "cidofovir": "iv",
 }
+_CIDOFOVIR_CRITERIA = "Vistide label, Contraindications and Dosage and Administration (docs/clinical-basis.md §5.2)"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class MissingItem:
-    """A value the dose needs: what it is, why it cannot be used, and the lab to order (if a lab)."""
+    """A value a decision needs: what it is, why it cannot be used, and the lab to order (if a lab)."""
 
     label: str
     reason: str
     lab_set: str | None  # ValueSet name of the LOINC code to order, None if not a lab
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Missing:
     drug: Drug
     items: tuple[MissingItem, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class NotRecommended:
     drug: Drug
     reason: str
     source: str
     inputs: tuple[str, ...]
+    missing: tuple[MissingItem, ...] = ()  # inputs not available, named on the card all the same
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StaleInput:
     label: str
     measurement: Measurement
@@ -55,7 +59,7 @@ class StaleInput:
     window_days: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Regimen:
     drug: Drug
     phase: Phase
@@ -71,38 +75,180 @@ class Regimen:
     on_dialysis: bool
     inputs: tuple[str, ...]  # one line per input, for the card's computation section
     stale: tuple[StaleInput, ...]
-    colitis_course: bool = False  # policy.md §5: CMV colitis 21–28 days
+    colitis_course: bool = False  # docs/policy.md §6: CMV colitis 21–28 days
 
     @property
     def band_text(self) -> str:
         if self.on_dialysis and self.row.hemodialysis:
-            return "dialysis-dependent: hemodialysis row (policy.md §3)"
+            return "dialysis-dependent: hemodialysis row (docs/policy.md §4)"
         return self.row.band.label()
 
+    @property
+    def hemodialysis_row_without_dialysis(self) -> bool:
+        """The label's < 10 mL/min row assumes hemodialysis; the patient has no dialysis on record."""
+        return self.row.hemodialysis and not self.on_dialysis and self.row.schedule is not None
+
     def summary_text(self) -> str:
-        return (
-            f"{self.drug} {self.dose_mg:g} mg {self.route.upper() if self.route == 'iv' else 'PO'} {self.schedule.text}"
-        )
+        return f"{self.drug} {self.dose_mg:g} mg {'IV' if self.route == 'iv' else 'PO'} {self.schedule.text}"
 
 
-def _measurement(value: Measurement | Unusable | None, label: str, lab_set: str | None) -> Measurement | MissingItem:
+def describe(label: str, m: Measurement, today: dt.date, window: int | None) -> str:
+    """One computation line: value, unit, date, source, code used, and staleness (docs/policy.md §2)."""
+    stale = f" — STALE: {m.age_days(today)} days old (window {window} days)" if window is not None and m.stale else ""
+    reading = f"{m.reading} (≈ {m.value:g} {m.unit})" if m.reading else f"{m.value:.4g} {m.unit}"
+    code = f"; {m.code}" if m.code else ""
+    return f"{label}: {reading} on {m.date.isoformat()} ({m.source}{code}){stale}"
+
+
+@dataclass(slots=True)
+class RenalInputs:
+    """The inputs of Cockcroft-Gault, each a Measurement or why it is missing, and what follows from them."""
+
+    weight: Measurement | MissingItem
+    scr: Measurement | MissingItem
+    age: int | None
+    clearance: Clearance | None  # needs weight, SCr and age
+    per_kg: float | None  # mL/min/kg: needs SCr and age only (the foscarnet form)
+    lines: list[str] = field(default_factory=list)
+
+
+def _input(
+    facts: PatientFacts, fact: str, lab_set: str | None, zero_allowed: bool = False
+) -> Measurement | MissingItem:
+    """A measured input, or why it is missing. Only urine protein may be 0 (none detected)."""
+    value: Measurement | Unusable | None = facts.lab(fact)
+    label = FAMILY_BY_FACT[fact].label
     if value is None:
         return MissingItem(label, "no result on record", lab_set)
     if isinstance(value, Unusable):
         return MissingItem(
-            label,
-            f"latest result ({value.date.isoformat()}, {value.source}) unusable: {value.reason}",
-            lab_set,
+            label, f"latest result ({value.date.isoformat()}, {value.source}) unusable: {value.reason}", lab_set
         )
-    if value.value <= 0:
+    if value.value < 0 or (value.value == 0 and not zero_allowed):
         return MissingItem(label, f"latest result ({value.date.isoformat()}) is not a positive number", lab_set)
     return value
 
 
-def describe(label: str, m: Measurement, today: dt.date, window: int | None) -> str:
-    """One computation line: value, unit, date, source, and staleness (policy.md §2)."""
-    stale = f" — STALE: {m.age_days(today)} days old (window {window} days)" if window is not None and m.stale else ""
-    return f"{label}: {m.value:.4g} {m.unit} on {m.date.isoformat()} ({m.source}){stale}"
+def renal_inputs(facts: PatientFacts) -> RenalInputs:
+    """Weight, serum creatinine, age and the clearances they give (docs/clinical-basis.md §6)."""
+    weight = _input(facts, "weight", None)
+    scr = _input(facts, "creatinine", "SerumCreatinine")
+    lines = []
+    if facts.age_years is not None:
+        lines.append(f"Age: {facts.age_years} years; sex: {facts.sex}")
+    if isinstance(weight, Measurement):
+        lines.append(describe("Weight", weight, facts.today, FAMILY_BY_FACT["weight"].freshness_days))
+    if isinstance(scr, Measurement):
+        lines.append(describe("Serum creatinine", scr, facts.today, FAMILY_BY_FACT["creatinine"].freshness_days))
+    clearance = per_kg = None
+    if isinstance(scr, Measurement) and facts.age_years is not None:
+        unit_weight = cockcroft_gault(facts.age_years, 1.0, scr.value, facts.sex)
+        per_kg = unit_weight.ml_min_kg
+        if isinstance(weight, Measurement):
+            clearance = cockcroft_gault(facts.age_years, weight.value, scr.value, facts.sex)
+            lines.append(
+                f"CrCl (Cockcroft-Gault, actual weight, {clearance.sex_basis}): {clearance.ml_min:.1f} mL/min "
+                f"= {clearance.ml_min_kg:.3f} mL/min/kg"
+            )
+        else:
+            lines.append(
+                f"CrCl per kg (Cockcroft-Gault, {unit_weight.sex_basis}): {per_kg:.3f} mL/min/kg "
+                "(no weight: the mL/min value is not known)"
+            )
+    if facts.dialysis is not None:
+        lines.append(f"Dialysis dependence: {facts.dialysis.label} ({facts.dialysis.source})")
+    return RenalInputs(weight, scr, facts.age_years, clearance, per_kg, lines)
+
+
+def _age_missing() -> MissingItem:
+    return MissingItem("age", "patient birth date not available or implausible", None)
+
+
+def _renal_missing(renal: RenalInputs, needs_renal: bool) -> list[MissingItem]:
+    missing = [item for item in (renal.weight,) if isinstance(item, MissingItem)]
+    if needs_renal:
+        if isinstance(renal.scr, MissingItem):
+            missing.append(renal.scr)
+        if renal.age is None:
+            missing.append(_age_missing())
+    return missing
+
+
+@dataclass(slots=True)
+class CidofovirCheck:
+    """The cidofovir start criteria on the available data: which fail, which cannot be checked, which hold."""
+
+    failed: list[str]
+    missing: list[MissingItem]
+    met: list[str]
+
+
+def cidofovir_criteria(facts: PatientFacts, renal: RenalInputs) -> CidofovirCheck:
+    """docs/policy.md §5: SCr ≤ 1.5 mg/dL, CrCl > 55 mL/min, urine protein < 100 mg/dL (< 2+), no nephrotoxic
+    agent in the last 7 days, not dialysis-dependent. Each criterion is judged on what is known."""
+    check = CidofovirCheck([], [], [])
+    if facts.dialysis is not None:
+        check.failed.append(f"dialysis-dependent ({facts.dialysis.source}): CrCl > 55 mL/min cannot be met")
+    if isinstance(renal.scr, Measurement):
+        if renal.scr.value > dosing.CIDOFOVIR_MAX_SCR_MG_DL:
+            check.failed.append(
+                f"serum creatinine {renal.scr.value:.2f} mg/dL > {dosing.CIDOFOVIR_MAX_SCR_MG_DL} mg/dL"
+            )
+    else:
+        check.missing.append(renal.scr)
+    if renal.clearance is not None:
+        if renal.clearance.ml_min <= dosing.CIDOFOVIR_MIN_CRCL_ML_MIN:
+            check.failed.append(
+                f"CrCl {renal.clearance.ml_min:.1f} mL/min ≤ {dosing.CIDOFOVIR_MIN_CRCL_ML_MIN:g} mL/min"
+            )
+    elif renal.age is None:
+        check.missing.append(_age_missing())
+    protein = _input(facts, "urine_protein", "UrineProtein", zero_allowed=True)
+    if isinstance(protein, Measurement):
+        shown = f"{protein.reading} (test strip)" if protein.reading else f"{protein.value:g} mg/dL"
+        if protein.value >= dosing.CIDOFOVIR_MAX_URINE_PROTEIN_MG_DL:
+            limit = dosing.CIDOFOVIR_MAX_URINE_PROTEIN_MG_DL
+            check.failed.append(f"urine protein {shown} ≥ {limit:g} mg/dL (2+)")
+        else:
+            check.met.append(describe("Urine protein", protein, facts.today, None))
+    else:
+        check.missing.append(protein)
+    lookback = facts.today - dt.timedelta(days=NEPHROTOXIC_LOOKBACK_DAYS)
+    recent = [
+        m
+        for m in facts.medications
+        if "NephrotoxicDrugs" in m.sets and "Cidofovir" not in m.sets and m.exposed_between(lookback, facts.today)
+    ]
+    if recent:
+        names = ", ".join(sorted({f"{m.name} ({m.status}, {m.source})" for m in recent}))
+        check.failed.append(f"nephrotoxic agent within the last {NEPHROTOXIC_LOOKBACK_DAYS} days: {names}")
+    return check
+
+
+def _not_recommended(drug: Drug, phase: Phase, facts: PatientFacts, renal: RenalInputs) -> NotRecommended | None:
+    """A "not recommended" the available data proves (docs/policy.md §10), whatever else is missing."""
+    if drug == "cidofovir":
+        check = cidofovir_criteria(facts, renal)
+        if not check.failed:
+            return None
+        return NotRecommended(
+            drug, "; ".join(check.failed), _CIDOFOVIR_CRITERIA, tuple(renal.lines + check.met), tuple(check.missing)
+        )
+    if drug not in ("valganciclovir", "foscarnet"):
+        return None
+    # Foscarnet's table is per kilogram, so its clearance needs no weight; valganciclovir's needs one.
+    if drug == "foscarnet":
+        column, value = dosing.FOSCARNET_DEFAULT_COLUMN[phase], renal.per_kg
+    else:
+        column, value = "label", renal.clearance.ml_min if renal.clearance is not None else None
+    on_dialysis = facts.dialysis is not None
+    if not on_dialysis and value is None:
+        return None
+    row = dosing.select_row(drug, phase, value, on_dialysis, column)
+    if row.schedule is not None:
+        return None
+    missing = _renal_missing(renal, needs_renal=not on_dialysis)
+    return NotRecommended(drug, row.source, row.source, tuple(renal.lines), tuple(missing))
 
 
 def compute(
@@ -113,59 +259,47 @@ def compute(
     column: str | None = None,
     colitis: bool = False,
 ) -> Regimen | Missing | NotRecommended:
-    """The regimen of ``drug`` for this patient, per the label table and policy.md §3-§5."""
+    """The regimen of ``drug`` for this patient, per the label table and docs/policy.md §4-§6."""
+    renal = renal_inputs(facts)
+    verdict = _not_recommended(drug, phase, facts, renal)
+    if verdict is not None:
+        return verdict
     on_dialysis = facts.dialysis is not None
-    missing: list[MissingItem] = []
-    inputs: list[str] = []
-    stale: list[StaleInput] = []
-
-    weight = _measurement(facts.weight, "body weight", None)
     needs_renal = not (on_dialysis and drug in ("ganciclovir", "valganciclovir", "foscarnet"))
-    scr = _measurement(facts.creatinine, "serum creatinine", "SerumCreatinine") if needs_renal else None
-    if isinstance(weight, MissingItem):
-        missing.append(weight)
-    if isinstance(scr, MissingItem):
-        missing.append(scr)
-    if needs_renal and facts.age_years is None:
-        missing.append(MissingItem("age", "patient birth date not available or implausible", None))
+    missing = _renal_missing(renal, needs_renal)
+    extra_inputs: list[str] = []
+    if drug == "cidofovir":
+        check = cidofovir_criteria(facts, renal)
+        missing += [item for item in check.missing if item.label not in {m.label for m in missing}]
+        extra_inputs = [*check.met, f"Cidofovir start criteria met ({_CIDOFOVIR_CRITERIA})"]
     if missing:
         return Missing(drug, tuple(missing))
+    weight = renal.weight
     assert isinstance(weight, Measurement)
-
-    if facts.age_years is not None:
-        inputs.append(f"Age: {facts.age_years} years; sex: {facts.sex}")
-    inputs.append(describe("Weight", weight, facts.today, FRESHNESS_DAYS["weight"]))
-    if weight.stale:
-        stale.append(StaleInput("body weight", weight, None, FRESHNESS_DAYS["weight"]))
-    clearance: Clearance | None = None
-    if isinstance(scr, Measurement):
-        inputs.append(describe("Serum creatinine", scr, facts.today, FRESHNESS_DAYS["creatinine"]))
-        if scr.stale:
-            stale.append(StaleInput("serum creatinine", scr, "SerumCreatinine", FRESHNESS_DAYS["creatinine"]))
-        assert facts.age_years is not None
-        clearance = cockcroft_gault(facts.age_years, weight.value, scr.value, facts.sex)
-        inputs.append(
-            f"CrCl (Cockcroft-Gault, actual weight, {clearance.sex_basis}): {clearance.ml_min:.1f} mL/min "
-            f"= {clearance.ml_min_kg:.3f} mL/min/kg (policy.md §3)"
-        )
-    if on_dialysis and facts.dialysis is not None:
-        inputs.append(f"Dialysis dependence: {facts.dialysis.label} ({facts.dialysis.source})")
-
-    if drug == "cidofovir":
-        verdict = cidofovir_eligibility(facts, clearance, scr if isinstance(scr, Measurement) else None)
-        if isinstance(verdict, Missing | NotRecommended):
-            return verdict
-        inputs.extend(verdict)
+    inputs = list(renal.lines) + extra_inputs
+    stale: list[StaleInput] = []
+    for fact, lab_set in (("weight", None), ("creatinine", "SerumCreatinine")):
+        measured = weight if fact == "weight" else renal.scr
+        window = FAMILY_BY_FACT[fact].freshness_days
+        if (
+            isinstance(measured, Measurement)
+            and measured.stale
+            and window is not None
+            and (fact == "weight" or needs_renal)
+        ):
+            stale.append(StaleInput(FAMILY_BY_FACT[fact].label, measured, lab_set, window))
 
     column = column or (dosing.FOSCARNET_DEFAULT_COLUMN[phase] if drug == "foscarnet" else "label")
     renal_value = None
-    if clearance is not None:
-        renal_value = clearance.ml_min_kg if dosing.CLEARANCE_UNIT[drug] == dosing.ML_MIN_KG else clearance.ml_min
+    if renal.clearance is not None:
+        unit = dosing.CLEARANCE_UNIT[drug]
+        renal_value = renal.clearance.ml_min_kg if unit == dosing.ML_MIN_KG else renal.clearance.ml_min
     row = dosing.select_row(drug, phase, renal_value, on_dialysis and drug != "cidofovir", column)
     if row.schedule is None:
-        return NotRecommended(drug, f"{row.source}", row.source, tuple(inputs))
+        return NotRecommended(drug, row.source, row.source, tuple(inputs))
 
-    dosing_wt = dosing_weight(weight.value, _height_cm(facts), facts.sex, weight_policy)
+    height = facts.height.value if isinstance(facts.height, Measurement) else None
+    dosing_wt = dosing_weight(weight.value, height, facts.sex, weight_policy)
     if row.mg_per_kg is not None:
         exact = row.mg_per_kg * dosing_wt.kg
         inputs.append(f"Dosing weight: {dosing_wt.kg:.1f} kg, {dosing_wt.basis}")
@@ -191,52 +325,9 @@ def compute(
         duration_days=duration,
         count=count,
         weight=dosing_wt if row.mg_per_kg is not None else None,
-        clearance=clearance,
+        clearance=renal.clearance,
         on_dialysis=on_dialysis,
         inputs=tuple(inputs),
         stale=tuple(stale),
         colitis_course=colitis_course,
     )
-
-
-def _height_cm(facts: PatientFacts) -> float | None:
-    return facts.height.value if isinstance(facts.height, Measurement) else None
-
-
-def cidofovir_eligibility(
-    facts: PatientFacts, clearance: Clearance | None, scr: Measurement | None
-) -> tuple[str, ...] | Missing | NotRecommended:
-    """policy.md §4 / clinical.md §4: SCr ≤ 1.5, CrCl > 55, urine protein < 100 mg/dL (< 2+), and no
-    nephrotoxic agent in the last 7 days. Returns the lines that show eligibility, or why not."""
-    source = "clinical.md §4 (Vistide label contraindications); policy.md §4"
-    if facts.dialysis is not None:
-        return NotRecommended(
-            "cidofovir", "dialysis-dependent: the start criteria (CrCl > 55 mL/min) cannot be met", source, ()
-        )
-    protein = _measurement(facts.urine_protein, "urine protein", "UrineProtein")
-    if isinstance(protein, MissingItem):
-        return Missing("cidofovir", (protein,))
-    assert scr is not None
-    assert clearance is not None
-    reasons = []
-    if scr.value > dosing.CIDOFOVIR_MAX_SCR_MG_DL:
-        reasons.append(f"serum creatinine {scr.value:.2f} mg/dL > {dosing.CIDOFOVIR_MAX_SCR_MG_DL} mg/dL")
-    if clearance.ml_min <= dosing.CIDOFOVIR_MIN_CRCL_ML_MIN:
-        reasons.append(f"CrCl {clearance.ml_min:.1f} mL/min ≤ {dosing.CIDOFOVIR_MIN_CRCL_ML_MIN:g} mL/min")
-    if protein.value >= dosing.CIDOFOVIR_MAX_URINE_PROTEIN_MG_DL:
-        reasons.append(f"urine protein {protein.value:g} mg/dL ≥ {dosing.CIDOFOVIR_MAX_URINE_PROTEIN_MG_DL:g} mg/dL")
-    lookback = facts.today.toordinal() - NEPHROTOXIC_LOOKBACK_DAYS
-    recent = [
-        m
-        for m in facts.medications
-        if "NephrotoxicDrugs" in m.sets
-        and "Cidofovir" not in m.sets
-        and (m.active_on(facts.today) or (m.end is not None and m.end.toordinal() >= lookback))
-    ]
-    if recent:
-        names = ", ".join(sorted({m.name for m in recent}))
-        reasons.append(f"nephrotoxic agent active within {NEPHROTOXIC_LOOKBACK_DAYS} days ({names})")
-    protein_line = f"Urine protein: {protein.value:g} mg/dL on {protein.date.isoformat()} ({protein.source})"
-    if reasons:
-        return NotRecommended("cidofovir", "; ".join(reasons), source, (protein_line,))
-    return (protein_line, f"Cidofovir start criteria met ({source})")

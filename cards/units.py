@@ -1,4 +1,4 @@
-"""Unit conversion for the values the rules read (policy.md §2: an unknown unit is missing, never guessed).
+"""Unit conversion for the values the rules read (docs/policy.md §2: an unknown unit is missing, never guessed).
 
 Units are recognised by UCUM code first, then by the printed unit. Each table maps a unit to the
 factor that converts it to the canonical unit of the quantity.
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-# Serum creatinine → mg/dL. µmol/L ÷ 88.4 (policy.md §2; clinical.md §5).
+# Serum creatinine → mg/dL. µmol/L ÷ 88.4 (docs/policy.md §2; docs/clinical-basis.md §6).
 CREATININE_UMOL_PER_MG_DL = 88.4
 CREATININE_TO_MG_DL: dict[str, float] = {
     "mg/dl": 1.0,
@@ -18,7 +18,7 @@ CREATININE_TO_MG_DL: dict[str, float] = {
     "μmol/l": 1.0 / CREATININE_UMOL_PER_MG_DL,
 }
 
-# Body weight → kg: kg, g or lb ([lb_av]) per policy.md §2. 0.45359237 kg is the UCUM definition of
+# Body weight → kg: kg, g or lb ([lb_av]) per docs/policy.md §2. 0.45359237 kg is the UCUM definition of
 # [lb_av] (the international avoirdupois pound); the reference names the unit, not the factor.
 KG_PER_LB = 0.45359237
 WEIGHT_TO_KG: dict[str, float] = {
@@ -29,12 +29,12 @@ WEIGHT_TO_KG: dict[str, float] = {
     "lbs": KG_PER_LB,
 }
 
-# Body height → cm (only for the optional adjusted-weight policy, policy.md §3). 2.54 cm per inch is
+# Body height → cm (only for the optional adjusted-weight policy, docs/policy.md §4). 2.54 cm per inch is
 # the UCUM definition of [in_i].
 CM_PER_INCH = 2.54
 HEIGHT_TO_CM: dict[str, float] = {"cm": 1.0, "m": 100.0, "[in_i]": CM_PER_INCH, "in": CM_PER_INCH}
 
-# Blood counts → cells/µL: /uL, 10*3/uL or 10*9/L (policy.md §2). 10^9/L = 10^3/µL.
+# Blood counts → cells/µL: /uL, 10*3/uL or 10*9/L (docs/policy.md §2). 10^9/L = 10^3/µL.
 COUNT_TO_PER_UL: dict[str, float] = {
     "/ul": 1.0,
     "/µl": 1.0,
@@ -49,15 +49,54 @@ COUNT_TO_PER_UL: dict[str, float] = {
     "10^9/l": 1000.0,
 }
 
-# Hemoglobin → g/dL: g/dL or g/L (policy.md §2).
+# Hemoglobin → g/dL: g/dL or g/L (docs/policy.md §2).
 HEMOGLOBIN_TO_G_DL: dict[str, float] = {"g/dl": 1.0, "g/l": 0.1}
 
-# Urine protein → mg/dL: the cidofovir label's unit (clinical.md §4, "< 100 mg/dL").
-URINE_PROTEIN_TO_MG_DL: dict[str, float] = {"mg/dl": 1.0}
+# Urine protein → mg/dL: the cidofovir label's unit (docs/clinical-basis.md §5.2, "< 100 mg/dL"); g/L is
+# the SI unit some laboratories report (1 g/L = 100 mg/dL).
+URINE_PROTEIN_TO_MG_DL: dict[str, float] = {"mg/dl": 1.0, "g/l": 100.0, "mg/l": 0.1}
 
-# CMV DNA → IU/mL (clinical.md §7.2: WHO IU/mL calibrated assays).
+# Urine protein by test strip (docs/clinical-basis.md §9): the printed grades and the nominal concentration each
+# stands for on the strip's colour chart, in mg/dL. The cidofovir limit "urine protein < 100 mg/dL (< 2+)"
+# (docs/policy.md §5) puts 2+ at the limit (the label: "equivalent to < 2+ proteinuria"); the nominal values
+# are only used to compare with it.
+URINE_PROTEIN_STRIP_MG_DL: dict[str, float] = {
+    "negative": 0.0,
+    "trace": 15.0,
+    "1+": 30.0,
+    "2+": 100.0,
+    "3+": 300.0,
+    "4+": 1000.0,
+}
+# The same grades as SNOMED CT answer codes (docs/clinical-basis.md §9: IHE mAPS "Presence in urine" value set).
+URINE_PROTEIN_STRIP_SNOMED: dict[str, str] = {
+    "167273002": "negative",
+    "167274008": "trace",
+    "167275009": "1+",
+    "167276005": "2+",
+    "167277001": "3+",
+    "167278006": "4+",
+}
+_STRIP_SYNONYMS = {
+    "neg": "negative",
+    "nil": "negative",
+    "tr": "trace",
+    "+": "1+",
+    "++": "2+",
+    "+++": "3+",
+    "++++": "4+",
+}
+
+
+def normalise_strip_reading(text: str) -> str:
+    """A test-strip reading as the scale keys write it: "2 +", "++" → "2+"; "Trace" → "trace"."""
+    key = " ".join(text.strip().lower().split()).replace(" +", "+")
+    return _STRIP_SYNONYMS.get(key, key)
+
+
+# CMV DNA → IU/mL (docs/clinical-basis.md §9: WHO IU/mL calibrated assays).
 VIRAL_LOAD_TO_IU_ML: dict[str, float] = {"[iu]/ml": 1.0, "iu/ml": 1.0}
-VIRAL_LOAD_COPIES: dict[str, float] = {"{copies}/ml": 1.0, "copies/ml": 1.0}
+VIRAL_LOAD_COPIES: dict[str, float] = {"{copies}/ml": 1.0, "copies/ml": 1.0, "1/ml": 1.0}  # UCUM 1/mL: a count per mL
 
 
 def quantity_in(quantity: Any, table: Mapping[str, float]) -> float | None:

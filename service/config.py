@@ -45,9 +45,9 @@ class Settings:
     fhir_deadline_seconds: float = 8.0
     # Request body cap in bytes (HTTP 413 above it).
     max_body_bytes: int = 2 * 1024 * 1024
-    # Clinical options (policy.md §3 and §6).
+    # Clinical options (docs/policy.md §4 and §9).
     dosing_weight: DosingWeight = "actual"
-    high_viral_load_iu_ml: float = 100000.0  # policy.md §6: institutional default 100000 IU/mL
+    high_viral_load_iu_ml: float = 100000.0  # docs/policy.md §9: institutional default 100000 IU/mL
     log_level: str = "INFO"
     # Browser-based CDS clients (e.g. the CDS Hooks sandbox): comma-separated allowed origins, "*" for any.
     # Empty: no CORS headers are sent.

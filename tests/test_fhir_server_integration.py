@@ -111,8 +111,8 @@ def assert_dose_card(cards: list[dict[str, Any]]) -> None:
     assert action["type"] == "update"
     assert action["resource"]["id"] == "draft-gcv"
     assert dose_of(action["resource"]) == EXPECTED_DOSE
-    assert "Observation/obs-scr)" in card["detail"]
-    assert "Observation/obs-weight)" in card["detail"]
+    assert "(Observation/obs-scr;" in card["detail"]
+    assert "(Observation/obs-weight;" in card["detail"]
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +316,7 @@ def test_service_follows_next_links_across_pages(client: FlaskClient, fhir_serve
     cards = cards_of(client, hook_call(fhir_server, PAGING_PATIENT))
     card = one(cards, "myelosuppression")
     assert "Observation/pg-obs-anc" in card["detail"]  # page 2
-    assert "Observation/pg-scr-1)" in card["detail"]  # the latest creatinine
+    assert "(Observation/pg-scr-1;" in card["detail"]  # the latest creatinine
     delete, create = card["suggestions"][0]["actions"]
     assert delete["resourceId"] == "MedicationRequest/draft-gcv"
     assert create["resource"]["medicationCodeableConcept"]["text"] == "foscarnet"
@@ -337,7 +337,7 @@ def test_two_creatinines_on_the_same_day_use_the_later_one(client: FlaskClient, 
     assert [e["resource"]["id"] for e in labs["entry"]][:2] == ["sd-scr-evening", "sd-scr-morning"]
 
     card = one(cards_of(client, hook_call(fhir_server, patient_id)), "dose-adjust")
-    assert "Observation/sd-scr-evening)" in card["detail"]
+    assert "(Observation/sd-scr-evening;" in card["detail"]
     # CrCl (140 − 54) × 80 / (72 × 2.0) = 47.8 mL/min → 2.5 mg/kg q24h = 200 mg.
     assert dose_of(card["suggestions"][0]["actions"][0]["resource"]) == (200, 1, 24, "h")
 

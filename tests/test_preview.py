@@ -387,10 +387,14 @@ def test_the_page_renders_the_cards_in_headless_chromium(preview_server: str) ->
     assert "script-src 'self'" in result["pageHeaders"]["content-security-policy"]
     assert result["tokenFieldVisible"] is False  # auth is off
     assert result["selectedService"] == "cmv-antiviral-order-select"
-    assert result["summaryLine"].startswith("1 card from cmv-antiviral-order-select · HTTP 200")
+    # The example patient is a kidney-transplant recipient on tacrolimus: the dose card, then the information card
+    # on reducing immunosuppression (most urgent first).
+    assert result["summaryLine"].startswith("2 cards from cmv-antiviral-order-select · HTTP 200")
+    card, info = result["cards"]
+    assert info["indicator"] == "info"
+    assert info["summary"].startswith("CMV on immunosuppressive therapy")
 
     # The dose card as an EHR shows it.
-    [card] = result["cards"]
     assert card["indicator"] == "warning"
     assert card["badge"] == "Warning"
     assert card["borderLeftColor"] == "rgb(178, 106, 0)"  # amber (--warning in preview.css)

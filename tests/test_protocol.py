@@ -175,13 +175,21 @@ def post_error(client: FlaskClient, body: Any, status: int, url: str = SELECT_UR
     return check_error(response, status)
 
 
-def only_card(cards: list[dict[str, Any]]) -> dict[str, Any]:
-    assert len(cards) == 1, [c["summary"] for c in cards]
-    return cards[0]
-
-
 def rule_of(card: dict[str, Any]) -> str:
     return str(card["source"]["topic"]["code"])
+
+
+# The fixture patient is a kidney-transplant recipient on tacrolimus and prednisone: beside the card about the
+# selected order, every answer carries the information card on reducing immunosuppression (docs/policy.md §15).
+FIXTURE_INFO_CARDS = ["reduce-immunosuppression"]
+
+
+def only_card(cards: list[dict[str, Any]]) -> dict[str, Any]:
+    """The one card about the selected order (the fixture patient's information card aside)."""
+    main = [c for c in cards if rule_of(c) not in FIXTURE_INFO_CARDS]
+    assert len(main) == 1, [c["summary"] for c in cards]
+    assert sorted(rule_of(c) for c in cards if c is not main[0]) == FIXTURE_INFO_CARDS
+    return main[0]
 
 
 def assert_dose_card(cards: list[dict[str, Any]], observation: str = "Observation/obs-scr") -> dict[str, Any]:

@@ -1,0 +1,348 @@
+"""What every rule shares: the call's context (facts, options, the regimens computed once), how a regimen is
+written in words, and the actions and suggestions the cards propose."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cards import dosing, fhir_out
+from cards.dosing import Drug, Phase, Schedule
+from cards.facts import Measurement, OrderFact, PatientFacts, ViralLoad, medication_sets
+from cards.model import Action, Card, Indicator, Source, Suggestion
+from cards.regimen import Missing, MissingItem, NotRecommended, Regimen, StaleInput, compute
+from cards.sources import policy
+from cards.therapy import COURSE_GAP_DAYS, current_course
+
+DRUG_SET: dict[Drug, str] = {
+    "ganciclovir": "Ganciclovir",
+    "valganciclovir": "Valganciclovir",
+    "foscarnet": "Foscarnet",
+    "cidofovir": "Cidofovir",
+}
+# The drugs whose orders form one course (docs/policy.md §8): IV ganciclovir and oral valganciclovir are one
+# therapy (valganciclovir is the oral prodrug), foscarnet and cidofovir each their own.
+COURSE_SETS: dict[Drug, tuple[str, ...]] = {
+    "ganciclovir": ("Ganciclovir", "Valganciclovir"),
+    "valganciclovir": ("Ganciclovir", "Valganciclovir"),
+    "foscarnet": ("Foscarnet",),
+    "cidofovir": ("Cidofovir",),
+}
+# docs/policy.md §8: induction is complete after 14 days of therapy in the current course, with CMV DNA
+# undetectable or below the assay's quantification limit.
+COMPLETED_INDUCTION_DAYS = 14
+DURATION_TEXT = "then reassess; continue until CMV DNA is undetectable"
+FOSCARNET_HYDRATION = (
+    "Hydration (label): 750–1000 mL normal saline or 5% dextrose before the first infusion; then 750–1000 mL "
+    "with each 90–120 mg/kg dose or 500 mL with each 40–60 mg/kg dose, given concurrently."
+)
+ANC_MIN_PER_UL = 500.0  # docs/clinical-basis.md §2.4: avoid (val)ganciclovir below these counts
+PLATELETS_MIN_PER_UL = 25000.0
+HEMOGLOBIN_MIN_G_DL = 8.0
+
+
+@dataclass(frozen=True)
+class Options:
+    dosing_weight: Literal["actual", "adjusted"]
+    high_viral_load_iu_ml: float
+
+
+@dataclass(slots=True)
+class Context:
+    """What every rule reads: the facts, the options, the patient id, and the drugs selected in this call."""
+
+    facts: PatientFacts
+    options: Options
+    patient_id: str
+    selected_drugs: frozenset[Drug] = frozenset()
+    _regimens: dict[tuple[Drug, Phase, str | None], Regimen | Missing | NotRecommended] = field(default_factory=dict)
+    _phases: dict[Drug, tuple[Phase, str | None]] = field(default_factory=dict)
+
+    def regimen(self, drug: Drug, phase: Phase, column: str | None = None) -> Regimen | Missing | NotRecommended:
+        """The regimen of ``drug`` for this patient (docs/policy.md §4-§6; the colitis course when the patient has
+        CMV GI disease; the default table column unless one is named), computed once per call: several rules
+        propose the same drug."""
+        key = (drug, phase, column)
+        if key not in self._regimens:
+            colitis = "gastrointestinal" in self.facts.manifestations
+            self._regimens[key] = compute(
+                drug, phase, self.facts, self.options.dosing_weight, column=column, colitis=colitis
+            )
+        return self._regimens[key]
+
+    def already_ordered(self, set_name: str) -> bool:
+        """An order that could be running today, or a draft (selected or not), of this drug exists."""
+        return bool(self.facts.medications_in(set_name)) or any(
+            set_name in medication_sets(order.resource) for order in self.facts.orders
+        )
+
+    def phase(self, drug: Drug, order: OrderFact | None = None) -> Phase:
+        """Induction unless the draft says maintenance or induction is complete (docs/policy.md §8)."""
+        return self.phase_and_reason(drug, order)[0]
+
+    def phase_and_reason(self, drug: Drug, order: OrderFact | None = None) -> tuple[Phase, str | None]:
+        """The phase, and why maintenance (for the card), or None for induction."""
+        if order is not None and order.says_maintenance:
+            return "maintenance", "the selected order says it is a maintenance regimen"
+        if drug not in self._phases:
+            self._phases[drug] = completed_induction(self.facts, drug)
+        return self._phases[drug]
+
+
+def completed_induction(facts: PatientFacts, drug: Drug) -> tuple[Phase, str | None]:
+    """Maintenance when the current course of the drug's therapy has run ≥ 14 days (active or completed
+    orders) and the latest CMV DNA is undetectable (docs/policy.md §8)."""
+    latest = facts.latest_viral_load
+    if latest is None or not latest.undetectable:
+        return "induction", None
+    course = current_course(facts.medications, COURSE_SETS[drug], facts.today, COURSE_GAP_DAYS)
+    if course is None or course.days_given < COMPLETED_INDUCTION_DAYS:
+        return "induction", None
+    names = " / ".join(sorted({s.lower() for s in COURSE_SETS[drug]}))
+    return "maintenance", (
+        f"induction complete: {course.days_given} days of {names} since {course.start.isoformat()} and CMV DNA "
+        f"undetectable on {latest.date.isoformat()} ({latest.source})"
+    )
+
+
+# --- writing a regimen ------------------------------------------------------------------------------------------
+
+
+def summary(text: str) -> str:
+    return text if len(text) < 140 else text[:136].rstrip() + "…"
+
+
+def route_text(route: str) -> str:
+    return "IV" if route == "iv" else "PO"
+
+
+def regimen_text(regimen: Regimen) -> str:
+    """The dosage instruction text of a proposed regimen."""
+    parts = [f"{regimen.dose_mg:g} mg {route_text(regimen.route)} {regimen.schedule.text}"]
+    parts.append(dosing.INFUSION_TEXT[regimen.drug])
+    if regimen.count:
+        parts.append(f"{regimen.count} doses")
+    if regimen.duration_days:
+        length = (
+            f"for {dosing.COLITIS_DAYS[0]}–{dosing.COLITIS_DAYS[1]} days (CMV colitis)"
+            if regimen.colitis_course
+            else f"for {regimen.duration_days} days"
+        )
+        parts.append(f"{length}, {DURATION_TEXT}")
+    return "; ".join(parts)
+
+
+def computation_lines(regimen: Regimen) -> list[str]:
+    lines = [f"- {line}" for line in regimen.inputs]
+    lines.append(f"- Band: {regimen.band_text} → {regimen.row.dose_text()} ({regimen.row.source})")
+    if regimen.row.mg_per_kg is not None and regimen.weight is not None:
+        lines.append(
+            f"- Dose: {regimen.row.mg_per_kg:g} mg/kg × {regimen.weight.kg:.1f} kg = {regimen.exact_mg:.1f} mg → "
+            f"{regimen.dose_mg:g} mg (rounded to {dosing.ROUNDING_MG[regimen.drug]:g} mg, {policy(6)})"
+        )
+    if regimen.hemodialysis_row_without_dialysis:
+        lines.append(
+            "- ⚠ The label's CrCl < 10 mL/min row assumes hemodialysis (dose after each session); no dialysis is on "
+            f"record: involve nephrology before dosing ({policy(9)})."
+        )
+    return lines
+
+
+def regimen_note(regimen: Regimen) -> str:
+    """The computation, as the proposed resource's note (docs/policy.md §13)."""
+    parts = [line for line in regimen.inputs if not line.startswith("Age")]
+    parts.append(f"Band {regimen.band_text}: {regimen.row.dose_text()}")
+    parts.append(f"Source: {regimen.row.source}")
+    return "Computed by CMV CDS. " + " | ".join(parts)
+
+
+def dose_spec(regimen: Regimen) -> fhir_out.DoseSpec:
+    return fhir_out.DoseSpec(
+        text=f"{regimen.drug} {regimen_text(regimen)}",
+        amount=regimen.dose_mg,
+        amount_unit="mg",
+        schedule=regimen.schedule,
+        route=regimen.route,
+        duration_days=regimen.duration_days,
+        count=regimen.count,
+    )
+
+
+def create_action(ctx: Context, regimen: Regimen) -> Action:
+    resource = fhir_out.new_medication_request(
+        ctx.patient_id,
+        fhir_out.medication_concept(DRUG_SET[regimen.drug]),
+        [dose_spec(regimen)],
+        regimen_note(regimen),
+    )
+    return Action("create", f"Order {regimen.summary_text()}", resource=resource)
+
+
+def update_action(order: OrderFact, regimen: Regimen) -> Action:
+    resource = fhir_out.updated_medication_request(
+        order.resource, dose_spec(regimen), regimen_note(regimen), DRUG_SET[regimen.drug]
+    )
+    return Action("update", f"Change the selected order to {regimen.summary_text()}", resource=resource)
+
+
+def delete_action(order: OrderFact) -> Action:
+    return Action("delete", f"Remove the selected {order.drug} order", resource_id=f"MedicationRequest/{order.id}")
+
+
+def lab_order(
+    ctx: Context,
+    lab_set: str,
+    text: str,
+    note: str,
+    schedule: Schedule | None = None,
+    duration: int | None = None,
+    frequency_max: int | None = None,
+) -> Action:
+    resource = fhir_out.service_request(ctx.patient_id, lab_set, text, note, schedule, duration)
+    if frequency_max is not None and "occurrenceTiming" in resource:
+        resource["occurrenceTiming"]["repeat"]["frequencyMax"] = frequency_max
+    return Action("create", f"Order {text}", resource=resource)
+
+
+def missing_lines(items: Sequence[MissingItem]) -> list[str]:
+    return [f"- **{item.label}**: {item.reason}" for item in items]
+
+
+def missing_lab_suggestions(ctx: Context, items: Sequence[MissingItem]) -> list[Suggestion]:
+    """docs/policy.md §2: propose ordering a missing value where it is a lab."""
+    return [
+        Suggestion(
+            f"Order {item.label}",
+            (lab_order(ctx, item.lab_set, item.label, f"Needed to dose the CMV antiviral ({policy(2)})"),),
+            is_recommended=True,
+        )
+        for item in items
+        if item.lab_set
+    ]
+
+
+def stale_suggestions(ctx: Context, stale: Sequence[StaleInput]) -> list[Suggestion]:
+    """docs/policy.md §2: a stale value is used, and a repeat of the test is proposed."""
+    return [
+        Suggestion(
+            f"Repeat {item.label} (last {item.measurement.date.isoformat()})",
+            (
+                lab_order(
+                    ctx,
+                    item.lab_set,
+                    item.label,
+                    f"Last result is older than {item.window_days} days ({policy(2)})",
+                ),
+            ),
+        )
+        for item in stale
+        if item.lab_set
+    ]
+
+
+def stale_lines(stale: Sequence[StaleInput], today: dt.date) -> list[str]:
+    return [
+        f"- ⚠ {item.label.capitalize()} is {item.measurement.age_days(today)} days old "
+        f"(from {item.measurement.date.isoformat()}; window {item.window_days} days, {policy(2)}): "
+        "used, and a repeat is suggested."
+        for item in stale
+    ]
+
+
+def alternative_unavailable(alt: Missing | NotRecommended) -> list[str]:
+    """Why the alternative a card names could not be dosed."""
+    if isinstance(alt, Missing):
+        return ["", f"The alternative ({alt.drug}) could not be dosed:", *missing_lines(alt.items)]
+    return ["", f"The alternative ({alt.drug}) is not recommended either: {alt.reason} ({alt.source})."]
+
+
+def card(
+    rule_id: str,
+    summary_text: str,
+    indicator: Indicator,
+    detail: list[str],
+    source: Source,
+    suggestions: Sequence[Suggestion] = (),
+    behavior: Literal["at-most-one", "any"] = "any",
+) -> Card:
+    return Card(
+        rule_id=rule_id,
+        summary=summary(summary_text),
+        indicator=indicator,
+        detail="\n".join(detail),
+        source=source,
+        suggestions=tuple(suggestions),
+        selection_behavior=behavior if suggestions else None,
+    )
+
+
+# --- viral load ---------------------------------------------------------------------------------------------------
+
+
+def _comparable(a: ViralLoad, b: ViralLoad) -> tuple[float, float] | None:
+    def value(load: ViralLoad, unit: str) -> float | None:
+        if load.undetectable:
+            return 0.0
+        return load.iu_per_ml if unit == "iu" else load.copies_per_ml
+
+    for unit in ("iu", "copies"):
+        first, second = value(a, unit), value(b, unit)
+        if first is not None and second is not None:
+            return first, second
+    return None
+
+
+def viral_load_trend(facts: PatientFacts, start: dt.date) -> tuple[ViralLoad, ViralLoad, float, float] | None:
+    """(baseline at therapy start, latest after it, their values) when both are comparable."""
+    before = [v for v in facts.viral_loads if v.date <= start + dt.timedelta(days=1)]
+    after = [v for v in facts.viral_loads if v.date > start + dt.timedelta(days=1)]
+    if not before or not after:
+        return None
+    pair = _comparable(before[-1], after[-1])
+    if pair is None:
+        return None
+    return before[-1], after[-1], pair[0], pair[1]
+
+
+def vl_text(load: ViralLoad) -> str:
+    if load.undetectable:
+        value = "undetectable"
+    elif load.iu_per_ml is not None:
+        value = f"{load.iu_per_ml:,.0f} IU/mL"
+    elif load.copies_per_ml is not None:
+        value = f"{load.copies_per_ml:,.0f} copies/mL"
+    else:
+        value = "detected"
+    return f"{value} on {load.date.isoformat()} ({load.source})"
+
+
+def low_counts(facts: PatientFacts) -> list[str]:
+    """The blood counts below the (val)ganciclovir "avoid" thresholds (docs/clinical-basis.md §2.4), each with
+    its value, date, source and code."""
+    low = []
+    for label, value, threshold, unit in (
+        ("ANC", facts.anc, ANC_MIN_PER_UL, "cells/µL"),
+        ("Platelets", facts.platelets, PLATELETS_MIN_PER_UL, "/µL"),
+        ("Hemoglobin", facts.hemoglobin, HEMOGLOBIN_MIN_G_DL, "g/dL"),
+    ):
+        if isinstance(value, Measurement) and value.value < threshold:
+            stale = " (stale)" if value.stale else ""
+            low.append(
+                f"{label} {value.value:,.4g} {unit} < {threshold:,.4g} on {value.date.isoformat()} "
+                f"({value.source}; {value.code}){stale}"
+            )
+    return low
+
+
+def foscarnet_proposal(lead: str, alternative: Regimen) -> list[str]:
+    """Detail lines proposing foscarnet: the regimen, how it was computed, and the hydration the label requires."""
+    return [
+        f"{lead}foscarnet {regimen_text(alternative)}.",
+        "",
+        "**Computation**",
+        *computation_lines(alternative),
+        "",
+        FOSCARNET_HYDRATION,
+    ]
