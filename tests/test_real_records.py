@@ -361,3 +361,55 @@ def test_patient_id_is_the_subject() -> None:
     (resource,) = proposed(cards[0])
     assert resource["subject"] == {"reference": f"Patient/{PATIENT_ID}"}
     assert day(TODAY, 0) == TODAY.isoformat()
+
+
+def test_valganciclovir_maintenance_after_iv_ganciclovir_then_oral_induction() -> None:
+    """IV ganciclovir 7 days (completed), then valganciclovir 10 days (completed yesterday): one 17-day course of
+    the same therapy, CMV DNA undetectable → valganciclovir 900 mg once daily is confirmed."""
+    iv = medication("ganciclovir 400 mg IV", TODAY, started_days_ago=18, status="completed", route="IV")
+    iv["dosageInstruction"][0]["timing"]["repeat"]["boundsPeriod"]["end"] = day(TODAY, 12)
+    oral = completed_induction(days=10, ended_days_ago=1)
+    maintenance = draft("valganciclovir", "313566", dose_mg=900, route="oral", frequency=1, period=1, period_unit="d")
+    cards = run([maintenance], [*base(), iv, oral, undetectable_viral_load()], TODAY)
+    assert rules_of(cards)[0] == "dose-confirmed-monitoring"
+    assert "induction complete: 17 days" in cards[0].detail
+
+
+def test_a_cancelled_order_is_not_a_course_of_therapy() -> None:
+    cancelled = completed_induction(days=21)
+    cancelled["status"] = "cancelled"
+    del cancelled["dosageInstruction"][0]["timing"]["repeat"]["boundsDuration"]
+    maintenance = draft("valganciclovir", "313566", dose_mg=900, route="oral", frequency=1, period=1, period_unit="d")
+    cards = run([maintenance], [*base(), cancelled, undetectable_viral_load()], TODAY)
+    assert doses(by_rule(cards, "dose-adjust")) == [(900, 2, 1, "d")]
+
+
+def test_log10_viral_load_reported_under_the_iu_code_is_read_as_log10() -> None:
+    """Some laboratories report log10 IU/mL under 72493-0: 5.4 log → 251,189 IU/mL ≥ 100,000 → no oral start."""
+    log_result = observation("72493-0", 5.4, "log10 IU/mL", TODAY)
+    cards = run([draft("valganciclovir", "313566", route="oral")], [*base(), log_result], TODAY)
+    card = by_rule(cards, "valganciclovir-to-iv")
+    assert "251,189 IU/mL" in card.detail
+
+
+def test_test_strip_graded_by_snomed_answer_code() -> None:
+    coded = observation(
+        "20454-5",
+        None,
+        "",
+        TODAY,
+        valueCodeableConcept={"coding": [{"system": "http://snomed.info/sct", "code": "167276005"}]},
+    )
+    cards = run([cidofovir_draft()], [*base(), coded], TODAY)
+    assert "urine protein 2+ (test strip) ≥ 100 mg/dL" in by_rule(cards, "cidofovir-contraindicated").detail
+
+
+def test_the_prefetch_templates_ask_for_the_whole_families() -> None:
+    """One query per key still; the labs query names every code of the creatinine, counts and urine-protein families."""
+    from service.registry import prefetch_templates
+
+    (labs,) = [t.query for t in prefetch_templates() if t.key == "labs"]
+    for code in ("2160-0", "38483-4", "14682-9", "77140-2", "21232-4", "5804-0", "20454-5", "26499-4", "753-4"):
+        assert f"http://loinc.org|{code}" in labs, code
+    (loads,) = [t.query for t in prefetch_templates() if t.key == "cmvViralLoads"]
+    assert "http://loinc.org|72494-8" in loads
