@@ -11,8 +11,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from cards.facts import build_facts, cmv_drug, concept_memo
+from cards.facts import build_facts
+from cards.fhir_in import concept_memo
 from cards.model import Card
+from cards.orders import cmv_drug
 from cards.rules.common import Context, Options
 from cards.rules.precedence import run_rules
 

@@ -15,19 +15,26 @@ service before they get here.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import functools
 import re
-from collections.abc import Iterable, Iterator, Mapping
-from contextvars import ContextVar
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cards import units
-from cards.codes import CodeSet, Concept, coded_concept, coded_set_names, text_set_names
-from cards.dosing import Drug
-from cards.therapy import MedicationFact, Route, exposure_window, parse_date
+from cards.codes import Concept, coded_concept
+from cards.fhir_in import (
+    coding_codes,
+    concept_label,
+    concept_memo,
+    concept_sets,
+    concept_texts,
+    parse_date,
+    parse_instant,
+    reference_of,
+)
+from cards.orders import OrderFact, cmv_drug, medication_fact, read_draft_dose, says_maintenance
+from cards.therapy import MedicationFact
 
 Sex = Literal["male", "female", "other", "unknown"]
 
@@ -45,13 +52,6 @@ _IGNORED_STATUSES = frozenset({"entered-in-error", "cancelled"})
 _ACTIVE_CONDITION = frozenset({"active", "recurrence", "relapse"})
 _EXCLUDED_VERIFICATION = frozenset({"refuted", "entered-in-error"})
 
-# Text matches (not code matches) are ignored when the wording negates or qualifies the finding:
-# "HIV negative", "not pregnant", "pre-dialysis", "transplant donor", "CMV IgG positive" (serostatus).
-_NEGATED = re.compile(
-    r"\b(not|no|negative|denies|denied|ruled out|rule out|without|pre-?dialysis|donor|igg|"
-    r"serostatus|seropositive|seronegative|screening|risk of)\b",
-    re.IGNORECASE,
-)
 _UNDETECTED = re.compile(r"\b(not detected|undetect\w*|negative|below|<\s*lloq|none detected)\b", re.IGNORECASE)
 _DETECTED = re.compile(r"\b(detected|positive|reactive)\b", re.IGNORECASE)
 _MUTATION = re.compile(r"\b[A-Z]\d{3}[A-Z]\b")
@@ -120,22 +120,6 @@ CONDITION_FINDINGS: dict[str, tuple[str, str]] = {
     "resistance": ("CmvResistance", "ganciclovir-resistant CMV"),
 }
 
-DRUG_SETS = (
-    "Ganciclovir",
-    "Valganciclovir",
-    "Foscarnet",
-    "Cidofovir",
-    "Probenecid",
-    "ImipenemCilastatin",
-    "Mycophenolate",
-    "Zidovudine",
-    "Didanosine",
-    "MyelosuppressiveDrugs",
-    "NephrotoxicDrugs",
-    "Immunosuppressants",
-)
-CMV_ANTIVIRALS = ("Ganciclovir", "Valganciclovir", "Foscarnet", "Cidofovir")
-_DRUG_SET_NAMES = frozenset(DRUG_SETS)
 _MANIFESTATION_SET_NAMES = frozenset(MANIFESTATION_SETS.values())
 
 
@@ -186,29 +170,6 @@ class ViralLoad:
 
 
 @dataclass(slots=True)
-class DraftDose:
-    """The dose of a draft order as written: mg (None: not stated in mg), ``invalid`` for a zero or negative
-    amount, doses per hour and route."""
-
-    mg: float | None
-    invalid: str | None
-    per_hour: float | None
-    route: Route
-
-
-@dataclass(slots=True)
-class OrderFact:
-    """A selected draft order of a CMV antiviral: the drug, its dose as written, and whether it says it is a
-    maintenance regimen. ``resource`` is the validated draft, kept only to build update/delete actions."""
-
-    resource: Mapping[str, Any]
-    id: str
-    drug: Drug
-    dose: DraftDose
-    says_maintenance: bool
-
-
-@dataclass(slots=True)
 class PatientFacts:
     """Everything the CMV rules know about the patient, each value with its provenance."""
 
@@ -251,121 +212,7 @@ class PatientFacts:
         return value
 
 
-# --- concept matching, memoised per call --------------------------------------------------------------------------
-
-
-def _texts(concept: Any) -> list[str]:
-    if not isinstance(concept, dict):
-        return []
-    texts = [concept["text"]] if isinstance(concept.get("text"), str) else []
-    codings = concept.get("coding")
-    if isinstance(codings, list):
-        texts += [c["display"] for c in codings if isinstance(c, dict) and isinstance(c.get("display"), str)]
-    return texts
-
-
-def concept_in(concept: Any, value_set: CodeSet) -> bool:
-    """Code match, or a name match whose wording is not negated or qualified."""
-    if value_set.registered:
-        return value_set.name in _concept_sets(concept).matched
-    if value_set.matches_coding_only(concept):
-        return True
-    return value_set.matches_concept(concept) and not any(_NEGATED.search(t) for t in _texts(concept))
-
-
-def coded_in(concept: Any, value_set: CodeSet) -> bool:
-    """``value_set.matches_coding_only(concept)``, through the per-call memo for registered sets."""
-    if value_set.registered:
-        return value_set.name in _concept_sets(concept).coded
-    return value_set.matches_coding_only(concept)
-
-
-# Per-call memo of the registered code sets each CodeableConcept is in. Why: the service classifies the selected
-# drafts before the facts do, and the rules ask again about the same medications. Keyed by id() for speed; each
-# entry keeps a reference to its concept, so the id cannot be reused while the memo lives, and the identity check
-# rules out a stale hit. The memo lives for one call, during which the input resources are not modified.
-@dataclass(slots=True)
-class _ConceptSets:
-    concept: Any
-    coded: frozenset[str]  # sets matched by a coding (matches_coding_only)
-    matched: frozenset[str]  # concept_in: coded, or named by a text or display that is not negated
-
-
-_MEMO: ContextVar[dict[int, _ConceptSets] | None] = ContextVar("cmv_cds_concept_memo", default=None)
-# Texts longer than this (rare, and possibly hostile) are checked for negation without being cached.
-_CACHEABLE_TEXT = 256
-
-
-@functools.lru_cache(maxsize=8192)
-def _negated_cached(text: str) -> bool:
-    return _NEGATED.search(text) is not None
-
-
-def _negated(text: str) -> bool:
-    return _negated_cached(text) if len(text) <= _CACHEABLE_TEXT else _NEGATED.search(text) is not None
-
-
-def _new_concept_sets(concept: Any) -> _ConceptSets:
-    coded = coded_set_names(concept)
-    matched = coded
-    texts = _texts(concept)
-    if texts and not any(_negated(t) for t in texts):
-        for text in texts:
-            matched = matched | text_set_names(text)
-    return _ConceptSets(concept, coded, matched)
-
-
-def _concept_sets(concept: Any) -> _ConceptSets:
-    memo = _MEMO.get()
-    if memo is None:
-        return _new_concept_sets(concept)
-    entry = memo.get(id(concept))
-    if entry is None or entry.concept is not concept:
-        entry = memo[id(concept)] = _new_concept_sets(concept)
-    return entry
-
-
-@contextlib.contextmanager
-def concept_memo() -> Iterator[None]:
-    """Memoise concept matching for the duration of the block (reentrant)."""
-    if _MEMO.get() is not None:
-        yield
-        return
-    token = _MEMO.set({})
-    try:
-        yield
-    finally:
-        _MEMO.reset(token)
-
-
-def concept_label(concept: Any, fallback: str) -> str:
-    texts = _texts(concept)
-    return texts[0][:80] if texts else fallback
-
-
 # --- small readers -------------------------------------------------------------------------------------------------
-
-
-def parse_instant(value: Any) -> dt.datetime | None:
-    """FHIR date/dateTime/instant → an aware datetime for ordering (dates at 00:00, naive times as UTC)."""
-    day = parse_date(value)
-    if day is None:
-        return None
-    assert isinstance(value, str)
-    text = value.strip()
-    if len(text) > 10:
-        try:
-            moment = dt.datetime.fromisoformat(text.replace("z", "Z"))
-        except ValueError:
-            return None
-        return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
-    return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
-
-
-def _reference(resource: Mapping[str, Any]) -> str:
-    kind = resource.get("resourceType")
-    ident = resource.get("id")
-    return f"{kind}/{ident}" if isinstance(ident, str) else f"{kind} (no id)"
 
 
 def _observation_instant(observation: Mapping[str, Any]) -> dt.datetime | None:
@@ -396,10 +243,10 @@ def _value_texts(observation: Mapping[str, Any]) -> list[str]:
     texts = []
     if isinstance(observation.get("valueString"), str):
         texts.append(observation["valueString"])
-    texts += _texts(observation.get("valueCodeableConcept"))
+    texts += concept_texts(observation.get("valueCodeableConcept"))
     interpretations = observation.get("interpretation")
     for interpretation in interpretations if isinstance(interpretations, list) else ():
-        texts += _texts(interpretation)
+        texts += concept_texts(interpretation)
     return texts
 
 
@@ -411,14 +258,6 @@ def _reads_detected(observation: Mapping[str, Any]) -> bool:
     return any(_DETECTED.search(t) and not _UNDETECTED.search(t) for t in _value_texts(observation))
 
 
-def coding_codes(concept: Any) -> set[str]:
-    """The string codes of a CodeableConcept's codings; malformed parts are ignored."""
-    codings = concept.get("coding") if isinstance(concept, dict) else None
-    if not isinstance(codings, list):
-        return set()
-    return {c["code"] for c in codings if isinstance(c, dict) and isinstance(c.get("code"), str)}
-
-
 def _code_label(concept: Any, set_name: str) -> str:
     """How a result was identified, for the card: the family code and its display (which names the specimen),
     or the name it was recognised by."""
@@ -426,170 +265,8 @@ def _code_label(concept: Any, set_name: str) -> str:
     if found is not None:
         system = "LOINC" if found.system == "http://loinc.org" else found.system
         return f"{system} {found.code} {found.display}"
-    texts = _texts(concept)
+    texts = concept_texts(concept)
     return f"recognised by its name '{texts[0][:60]}'" if texts else "recognised by its name"
-
-
-# --- medications --------------------------------------------------------------------------------------------------
-
-_ROUTE_IV = re.compile(r"\b(iv|intravenous\w*|i\.v\.)\b", re.IGNORECASE)
-_ROUTE_ORAL = re.compile(r"\b(po|oral\w*|by mouth|p\.o\.)\b", re.IGNORECASE)
-ROUTE_IV_SNOMED = "47625008"  # docs/policy.md §9 (FHIR encoding): SNOMED CT intravenous route
-ROUTE_ORAL_SNOMED = "26643006"  # SNOMED CT oral route
-
-
-def _object(value: Any) -> dict[str, Any]:
-    """``value`` if it is a JSON object, else an empty one (malformed input reads as absent)."""
-    return value if isinstance(value, dict) else {}
-
-
-def _first_dosage(request: Mapping[str, Any]) -> dict[str, Any]:
-    dosages = request.get("dosageInstruction")
-    return dosages[0] if isinstance(dosages, list) and dosages and isinstance(dosages[0], dict) else {}
-
-
-def medication_route(request: Mapping[str, Any]) -> Route:
-    """The route of a MedicationRequest's first dosage: SNOMED code, else route text."""
-    dosage = _first_dosage(request)
-    route = dosage.get("route")
-    codings = route.get("coding") if isinstance(route, dict) else None
-    for coding in codings if isinstance(codings, list) else ():
-        if isinstance(coding, dict) and coding.get("code") == ROUTE_IV_SNOMED:
-            return "iv"
-        if isinstance(coding, dict) and coding.get("code") == ROUTE_ORAL_SNOMED:
-            return "oral"
-    texts = _texts(route) + ([dosage["text"]] if isinstance(dosage.get("text"), str) else [])
-    if any(_ROUTE_IV.search(t) for t in texts):
-        return "iv"
-    if any(_ROUTE_ORAL.search(t) for t in texts):
-        return "oral"
-    return "other" if route else "unknown"
-
-
-def medication_concept(request: Mapping[str, Any]) -> Any:
-    """The medication as a CodeableConcept: medicationCodeableConcept, or a reference's display."""
-    concept = request.get("medicationCodeableConcept")
-    if concept is not None:
-        return concept
-    reference = request.get("medicationReference")
-    if isinstance(reference, dict) and isinstance(reference.get("display"), str):
-        return {"text": reference["display"]}
-    return None
-
-
-def medication_sets(request: Mapping[str, Any]) -> frozenset[str]:
-    """The drug code sets (``DRUG_SETS``) a MedicationRequest's medication is in (``concept_in``)."""
-    return _concept_sets(medication_concept(request)).matched & _DRUG_SET_NAMES
-
-
-def _medication_fact(request: Mapping[str, Any], *, draft: bool) -> MedicationFact | None:
-    sets = medication_sets(request)
-    if not sets:
-        return None
-    status = request.get("status") if isinstance(request.get("status"), str) else "unknown"
-    start, end = exposure_window(request, str(status))
-    return MedicationFact(
-        source=_reference(request),
-        name=concept_label(medication_concept(request), "medication"),
-        sets=sets,
-        status=str(status),
-        start=start,
-        end=end,
-        route=medication_route(request),
-        draft=draft,
-    )
-
-
-# --- draft orders -------------------------------------------------------------------------------------------------
-
-_TIMING_CODES: dict[str, float] = {  # doses per hour for common HL7 v3 GTSAbbreviation codes
-    "QD": 1 / 24,
-    "BID": 2 / 24,
-    "TID": 3 / 24,
-    "QID": 4 / 24,
-    "QOD": 1 / 48,
-    "Q8H": 1 / 8,
-    "Q12H": 1 / 12,
-    "Q24H": 1 / 24,
-}
-_PERIOD_HOURS = {"h": 1.0, "d": 24.0, "wk": 168.0, "min": 1 / 60, "s": 1 / 3600, "mo": 720.0}
-_MAINTENANCE = re.compile(r"\bmaintenance\b", re.IGNORECASE)
-
-
-def read_draft_dose(order: Mapping[str, Any], weight_kg: float | None) -> DraftDose:
-    """The dose (mg), frequency (doses/hour) and route of a draft's first dosage, where present. A zero or
-    negative amount is not a dose: it is reported as invalid (the card says so and proposes the computed one)."""
-    dosage = _first_dosage(order)
-    mg: float | None = None
-    invalid: str | None = None
-    rates = dosage.get("doseAndRate")
-    for rate in rates if isinstance(rates, list) else ():
-        quantity = rate.get("doseQuantity") if isinstance(rate, dict) else None
-        value = quantity.get("value") if isinstance(quantity, dict) else None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            continue
-        assert isinstance(quantity, dict)
-        unit = str(quantity.get("code") or quantity.get("unit") or "").strip().lower()
-        if value <= 0:
-            invalid = f"{value:g} {unit or 'no unit'}"
-        elif unit == "mg":
-            mg = float(value)
-        elif unit == "g":
-            mg = float(value) * 1000
-        elif unit == "mg/kg" and weight_kg:
-            mg = float(value) * weight_kg
-        break
-    per_hour: float | None = None
-    timing = _object(dosage.get("timing"))
-    repeat = _object(timing.get("repeat"))
-    period, period_unit = repeat.get("period"), repeat.get("periodUnit")
-    if isinstance(period, int | float) and period > 0 and period_unit in _PERIOD_HOURS:
-        frequency = repeat.get("frequency", 1)
-        if isinstance(frequency, int | float) and frequency > 0:
-            per_hour = frequency / (period * _PERIOD_HOURS[period_unit])
-    else:
-        codings = _object(timing.get("code")).get("coding")
-        for coding in codings if isinstance(codings, list) else ():
-            if isinstance(coding, dict) and str(coding.get("code", "")).upper() in _TIMING_CODES:
-                per_hour = _TIMING_CODES[str(coding["code"]).upper()]
-    return DraftDose(mg=mg, invalid=invalid, per_hour=per_hour, route=medication_route(order))
-
-
-def says_maintenance(order: Mapping[str, Any]) -> bool:
-    """The draft says in its dosage text, notes or course of therapy that it is a maintenance regimen."""
-    texts: list[str] = []
-    for key in ("dosageInstruction", "note"):
-        items = order.get(key)
-        for item in items if isinstance(items, list) else ():
-            if isinstance(item, dict) and isinstance(item.get("text"), str):
-                texts.append(item["text"])
-    texts += _texts(order.get("courseOfTherapyType"))
-    return any(_MAINTENANCE.search(text) for text in texts)
-
-
-_DRUGS: tuple[tuple[str, Drug], ...] = (
-    ("Valganciclovir", "valganciclovir"),
-    ("Ganciclovir", "ganciclovir"),
-    ("Foscarnet", "foscarnet"),
-    ("Cidofovir", "cidofovir"),
-)
-
-
-def cmv_drug(order: Mapping[str, Any]) -> Drug | None:
-    """The CMV antiviral a MedicationRequest orders, by RxNorm code or name; None otherwise.
-
-    Ganciclovir by a route other than IV (ophthalmic gel, intravitreal implant) is not systemic therapy
-    and is not this service's concern; a draft without a route yet is taken as the IV drug.
-    """
-    if order.get("resourceType") != "MedicationRequest":
-        return None
-    sets = medication_sets(order)
-    for set_name, drug in _DRUGS:
-        if set_name in sets:
-            if drug == "ganciclovir" and medication_route(order) in ("other", "oral"):
-                return None
-            return drug
-    return None
 
 
 # --- assembly: one pass over the resources -------------------------------------------------------------------------
@@ -655,14 +332,14 @@ class _FactBuilder:
             elif kind == "Condition":
                 self._condition(resource)
             elif kind == "MedicationRequest":
-                fact = _medication_fact(resource, draft=False)
+                fact = medication_fact(resource, draft=False)
                 if fact is not None:
                     medications[fact.source] = fact
             elif kind == "Patient" and ident == self.patient_id:
                 self._patient(resource)
         for order in other_draft_orders:
             if isinstance(order, dict) and order.get("resourceType") == "MedicationRequest":
-                fact = _medication_fact(order, draft=True)
+                fact = medication_fact(order, draft=True)
                 if fact is not None:
                     medications[f"draft {fact.source}"] = fact
         facts.medications = tuple(medications.values())
@@ -681,7 +358,7 @@ class _FactBuilder:
     # -- Patient
     def _patient(self, patient: Mapping[str, Any]) -> None:
         facts = self.facts
-        facts.patient_source = _reference(patient)
+        facts.patient_source = reference_of(patient)
         birth = parse_date(patient.get("birthDate"))
         if birth is not None and birth <= self.today:
             age = self.today.year - birth.year - ((self.today.month, self.today.day) < (birth.month, birth.day))
@@ -693,7 +370,7 @@ class _FactBuilder:
     def _observation(self, observation: Mapping[str, Any]) -> None:
         if not _usable_observation(observation):
             return
-        sets = _concept_sets(observation.get("code"))
+        sets = concept_sets(observation.get("code"))
         if not sets.matched:
             return
         instant = _observation_instant(observation)
@@ -710,7 +387,7 @@ class _FactBuilder:
                 values = _value_texts(observation)
                 if any(_MUTATION.search(v) for v in values) or _reads_detected(observation):
                     self.facts.resistance = Evidence(
-                        _reference(observation), instant.date(), "UL97/UL54 mutation reported"
+                        reference_of(observation), instant.date(), "UL97/UL54 mutation reported"
                     )
         kind = next((name for name in VIRAL_LOAD_SETS if name in sets.coded), None) or next(
             (name for name in VIRAL_LOAD_SETS if name in sets.matched), None
@@ -743,7 +420,7 @@ class _FactBuilder:
             else set()
         )
         if _reads_detected(observation) or flags & {"POS", "H", "HH", "A"}:
-            return Evidence(_reference(observation), when, "positive pregnancy test")
+            return Evidence(reference_of(observation), when, "positive pregnancy test")
         return None
 
     # -- Condition
@@ -751,7 +428,7 @@ class _FactBuilder:
         if not _active_condition(condition, self.today):
             return
         code = condition.get("code")
-        sets = _concept_sets(code)
+        sets = concept_sets(code)
         if not sets.matched:
             return
         facts = self.facts
@@ -759,7 +436,7 @@ class _FactBuilder:
 
         def evidence(label: str) -> Evidence:
             return Evidence(
-                _reference(condition), parse_date(condition.get("recordedDate")), concept_label(code, label)
+                reference_of(condition), parse_date(condition.get("recordedDate")), concept_label(code, label)
             )
 
         for set_name in sets.matched:
@@ -773,10 +450,10 @@ class _FactBuilder:
             if facts.cmv_disease is None:
                 facts.cmv_disease = evidence("CMV disease")
             if facts.severe is None and (
-                "SevereSeverity" in _concept_sets(condition.get("severity")).matched or "SevereSeverity" in sets.matched
+                "SevereSeverity" in concept_sets(condition.get("severity")).matched or "SevereSeverity" in sets.matched
             ):
                 facts.severe = Evidence(
-                    _reference(condition), parse_date(condition.get("recordedDate")), "severe CMV disease"
+                    reference_of(condition), parse_date(condition.get("recordedDate")), "severe CMV disease"
                 )
 
 
@@ -793,7 +470,7 @@ def _active_condition(condition: Mapping[str, Any], today: dt.date) -> bool:
 def _measure(latest: _Latest, family: LabFamily, today: dt.date) -> Measurement | Unusable:
     """The latest result of a family in its canonical unit, or why it cannot be used."""
     when, observation = latest.instant.date(), latest.observation
-    source = _reference(observation)
+    source = reference_of(observation)
     code = _code_label(observation.get("code"), family.set_name)
     quantity = observation.get("valueQuantity")
     value = units.quantity_in(quantity, family.to_canonical)
@@ -831,7 +508,7 @@ def _ordinal_reading(observation: Mapping[str, Any], scale: Mapping[str, float])
 
 
 def _viral_load(observation: Mapping[str, Any], kind: str, when: dt.date) -> ViralLoad | None:
-    source = _reference(observation)
+    source = reference_of(observation)
     quantity = observation.get("valueQuantity")
     undetectable = _reads_undetectable(observation)
     iu = copies = None

@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from cards.fhir_in import parse_date
+
 Route = Literal["iv", "oral", "other", "unknown"]
 
 # Statuses whose orders may still be running when they carry no end date.
@@ -58,23 +60,6 @@ class MedicationFact:
         if self.start > last:
             return False
         return self.end is None or self.end >= first
-
-
-def parse_date(value: Any) -> dt.date | None:
-    """FHIR date/dateTime/instant → date (partial dates take the first day); None if unparseable."""
-    if not isinstance(value, str) or len(value) < 4:
-        return None
-    text = value.strip()
-    try:
-        if len(text) == 4:
-            return dt.date(int(text), 1, 1)
-        if len(text) == 7:
-            return dt.date(int(text[:4]), int(text[5:7]), 1)
-        if len(text) == 10:
-            return dt.date.fromisoformat(text)
-        return dt.datetime.fromisoformat(text.replace("z", "Z")).date()
-    except ValueError:
-        return None
 
 
 def _duration_days(duration: Any) -> float | None:

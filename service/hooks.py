@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from cards.engine import ClinicalOptions, HookRequest, evaluate, selects_cmv_antiviral
-from cards.facts import concept_memo
+from cards.fhir_in import concept_memo
 from cards.model import Card
 from service import prefetch
 from service.config import Settings
@@ -53,7 +53,7 @@ def run_hook(
 ) -> list[Card]:
     """Cards for a validated request. No CMV antiviral selected → no cards, and no data is fetched."""
     # One concept-matching memo for the whole call: the selected drafts are classified here and again
-    # by the rules (cards.facts.concept_memo).
+    # by the rules (cards.fhir_in.concept_memo).
     with concept_memo():
         return _run_hook(service, body, settings, access, today)
 

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cards.codes import CodeSet, all_code_sets, code_set, load_code_sets
-from cards.facts import _NEGATED, _texts, coded_in, concept_in, concept_memo
+from cards.fhir_in import _NEGATED, coded_in, concept_in, concept_memo, concept_texts
 
 REGISTRY = all_code_sets()
 # Unregistered copies of the same sets take the original (slow) path: the reference answers.
@@ -58,10 +58,10 @@ concept = st.one_of(
 
 
 def reference_concept_in(value: Any, value_set: CodeSet) -> bool:
-    """cards.facts.concept_in as it was before the fast path."""
+    """cards.fhir_in.concept_in as it was before the fast path."""
     if value_set.matches_coding_only(value):
         return True
-    return value_set.matches_concept(value) and not any(_NEGATED.search(t) for t in _texts(value))
+    return value_set.matches_concept(value) and not any(_NEGATED.search(t) for t in concept_texts(value))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

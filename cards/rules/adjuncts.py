@@ -4,8 +4,8 @@ interactions, and the guideline advice that comes with CMV disease (no orders fo
 from __future__ import annotations
 
 from cards import fhir_out
-from cards.facts import OrderFact
 from cards.model import Action, Card, Source, Suggestion
+from cards.orders import OrderFact
 from cards.regimen import Regimen
 from cards.rules.common import (
     Context,

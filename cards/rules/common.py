@@ -10,8 +10,9 @@ from typing import Literal
 
 from cards import dosing, fhir_out
 from cards.dosing import Drug, Phase, Schedule
-from cards.facts import Measurement, OrderFact, PatientFacts, ViralLoad, medication_sets
+from cards.facts import Measurement, PatientFacts, ViralLoad
 from cards.model import Action, Card, Indicator, Source, Suggestion
+from cards.orders import OrderFact, medication_sets
 from cards.regimen import Missing, MissingItem, NotRecommended, Regimen, StaleInput, compute
 from cards.sources import policy
 from cards.therapy import COURSE_GAP_DAYS, current_course

@@ -7,8 +7,8 @@ import math
 
 from cards import dosing
 from cards.dosing import Schedule
-from cards.facts import DraftDose, OrderFact
 from cards.model import Card, Suggestion
+from cards.orders import DraftDose, OrderFact
 from cards.regimen import Missing, Regimen
 from cards.rules.common import (
     FOSCARNET_HYDRATION,

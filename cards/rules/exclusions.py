@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cards.dosing import Drug
-from cards.facts import OrderFact
 from cards.model import Card, Suggestion
+from cards.orders import OrderFact
 from cards.regimen import Missing, MissingItem, NotRecommended, Regimen
 from cards.rules.common import (
     Context,

@@ -24,8 +24,8 @@ from enum import IntEnum
 from typing import Literal
 
 from cards.dosing import Drug
-from cards.facts import OrderFact
 from cards.model import Card
+from cards.orders import OrderFact
 from cards.rules import adjuncts, dosing_cards, exclusions, steering
 from cards.rules.common import Context
 

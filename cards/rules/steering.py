@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from cards import fhir_out
 from cards.dosing import Drug, Phase
-from cards.facts import OrderFact
 from cards.model import Action, Card, Suggestion
+from cards.orders import OrderFact
 from cards.regimen import Missing, Regimen
 from cards.rules.common import (
     FOSCARNET_HYDRATION,

@@ -1,0 +1,173 @@
+"""Reading FHIR R4 JSON elements defensively: dates, references, and concept matching (is this
+CodeableConcept in code set X?). Malformed parts read as absent; nothing here raises on input.
+
+A concept belongs to a set by a coding's (system, code), or by a text or display that names it — unless the
+wording negates or qualifies the finding. The answers for each concept are memoised for one hook call
+(``concept_memo``), on top of the per-process caches of ``cards.codes``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import functools
+import re
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from cards.codes import CodeSet, coded_set_names, text_set_names
+
+# Text matches (not code matches) are ignored when the wording negates or qualifies the finding:
+# "HIV negative", "not pregnant", "pre-dialysis", "transplant donor", "CMV IgG positive" (serostatus).
+_NEGATED = re.compile(
+    r"\b(not|no|negative|denies|denied|ruled out|rule out|without|pre-?dialysis|donor|igg|"
+    r"serostatus|seropositive|seronegative|screening|risk of)\b",
+    re.IGNORECASE,
+)
+
+# --- concept matching, memoised per call --------------------------------------------------------------------------
+
+
+def concept_texts(concept: Any) -> list[str]:
+    """A CodeableConcept's text and its codings' displays (the strings its name can be matched in)."""
+    if not isinstance(concept, dict):
+        return []
+    texts = [concept["text"]] if isinstance(concept.get("text"), str) else []
+    codings = concept.get("coding")
+    if isinstance(codings, list):
+        texts += [c["display"] for c in codings if isinstance(c, dict) and isinstance(c.get("display"), str)]
+    return texts
+
+
+def concept_in(concept: Any, value_set: CodeSet) -> bool:
+    """Code match, or a name match whose wording is not negated or qualified."""
+    if value_set.registered:
+        return value_set.name in concept_sets(concept).matched
+    if value_set.matches_coding_only(concept):
+        return True
+    return value_set.matches_concept(concept) and not any(_NEGATED.search(t) for t in concept_texts(concept))
+
+
+def coded_in(concept: Any, value_set: CodeSet) -> bool:
+    """``value_set.matches_coding_only(concept)``, through the per-call memo for registered sets."""
+    if value_set.registered:
+        return value_set.name in concept_sets(concept).coded
+    return value_set.matches_coding_only(concept)
+
+
+# Per-call memo of the registered code sets each CodeableConcept is in. Why: the service classifies the selected
+# drafts before the facts do, and the rules ask again about the same medications. Keyed by id() for speed; each
+# entry keeps a reference to its concept, so the id cannot be reused while the memo lives, and the identity check
+# rules out a stale hit. The memo lives for one call, during which the input resources are not modified.
+@dataclass(slots=True)
+class ConceptSets:
+    concept: Any
+    coded: frozenset[str]  # sets matched by a coding (matches_coding_only)
+    matched: frozenset[str]  # concept_in: coded, or named by a text or display that is not negated
+
+
+_MEMO: ContextVar[dict[int, ConceptSets] | None] = ContextVar("cmv_cds_concept_memo", default=None)
+# Texts longer than this (rare, and possibly hostile) are checked for negation without being cached.
+_CACHEABLE_TEXT = 256
+
+
+@functools.lru_cache(maxsize=8192)
+def _negated_cached(text: str) -> bool:
+    return _NEGATED.search(text) is not None
+
+
+def _negated(text: str) -> bool:
+    return _negated_cached(text) if len(text) <= _CACHEABLE_TEXT else _NEGATED.search(text) is not None
+
+
+def _new_concept_sets(concept: Any) -> ConceptSets:
+    coded = coded_set_names(concept)
+    matched = coded
+    texts = concept_texts(concept)
+    if texts and not any(_negated(t) for t in texts):
+        for text in texts:
+            matched = matched | text_set_names(text)
+    return ConceptSets(concept, coded, matched)
+
+
+def concept_sets(concept: Any) -> ConceptSets:
+    """The registered code sets the concept is in, by coding and by name (memoised for the call)."""
+    memo = _MEMO.get()
+    if memo is None:
+        return _new_concept_sets(concept)
+    entry = memo.get(id(concept))
+    if entry is None or entry.concept is not concept:
+        entry = memo[id(concept)] = _new_concept_sets(concept)
+    return entry
+
+
+@contextlib.contextmanager
+def concept_memo() -> Iterator[None]:
+    """Memoise concept matching for the duration of the block (reentrant)."""
+    if _MEMO.get() is not None:
+        yield
+        return
+    token = _MEMO.set({})
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
+
+
+def concept_label(concept: Any, fallback: str) -> str:
+    """The concept's first text or display (80 characters at most), for a card; else ``fallback``."""
+    texts = concept_texts(concept)
+    return texts[0][:80] if texts else fallback
+
+
+def coding_codes(concept: Any) -> set[str]:
+    """The string codes of a CodeableConcept's codings; malformed parts are ignored."""
+    codings = concept.get("coding") if isinstance(concept, dict) else None
+    if not isinstance(codings, list):
+        return set()
+    return {c["code"] for c in codings if isinstance(c, dict) and isinstance(c.get("code"), str)}
+
+
+# --- dates and references ------------------------------------------------------------------------------------------
+
+
+def parse_date(value: Any) -> dt.date | None:
+    """FHIR date/dateTime/instant → date (partial dates take the first day); None if unparseable."""
+    if not isinstance(value, str) or len(value) < 4:
+        return None
+    text = value.strip()
+    try:
+        if len(text) == 4:
+            return dt.date(int(text), 1, 1)
+        if len(text) == 7:
+            return dt.date(int(text[:4]), int(text[5:7]), 1)
+        if len(text) == 10:
+            return dt.date.fromisoformat(text)
+        return dt.datetime.fromisoformat(text.replace("z", "Z")).date()
+    except ValueError:
+        return None
+
+
+def parse_instant(value: Any) -> dt.datetime | None:
+    """FHIR date/dateTime/instant → an aware datetime for ordering (dates at 00:00, naive times as UTC)."""
+    day = parse_date(value)
+    if day is None:
+        return None
+    assert isinstance(value, str)
+    text = value.strip()
+    if len(text) > 10:
+        try:
+            moment = dt.datetime.fromisoformat(text.replace("z", "Z"))
+        except ValueError:
+            return None
+        return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+    return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
+
+
+def reference_of(resource: Mapping[str, Any]) -> str:
+    """``ResourceType/id`` of a resource, for a card that says where a value came from."""
+    kind = resource.get("resourceType")
+    ident = resource.get("id")
+    return f"{kind}/{ident}" if isinstance(ident, str) else f"{kind} (no id)"

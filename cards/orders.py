@@ -1,0 +1,215 @@
+"""Medication orders as the rules read them: which drug (by code set), by which route, at which dose and
+frequency as written, and whether a draft says it is a maintenance regimen."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cards.dosing import Drug
+from cards.fhir_in import concept_label, concept_sets, concept_texts, reference_of
+from cards.therapy import MedicationFact, Route, exposure_window
+
+DRUG_SETS = (
+    "Ganciclovir",
+    "Valganciclovir",
+    "Foscarnet",
+    "Cidofovir",
+    "Probenecid",
+    "ImipenemCilastatin",
+    "Mycophenolate",
+    "Zidovudine",
+    "Didanosine",
+    "MyelosuppressiveDrugs",
+    "NephrotoxicDrugs",
+    "Immunosuppressants",
+)
+CMV_ANTIVIRALS = ("Ganciclovir", "Valganciclovir", "Foscarnet", "Cidofovir")
+_DRUG_SET_NAMES = frozenset(DRUG_SETS)
+
+
+@dataclass(slots=True)
+class DraftDose:
+    """The dose of a draft order as written: mg (None: not stated in mg), ``invalid`` for a zero or negative
+    amount, doses per hour and route."""
+
+    mg: float | None
+    invalid: str | None
+    per_hour: float | None
+    route: Route
+
+
+@dataclass(slots=True)
+class OrderFact:
+    """A selected draft order of a CMV antiviral: the drug, its dose as written, and whether it says it is a
+    maintenance regimen. ``resource`` is the validated draft, kept only to build update/delete actions."""
+
+    resource: Mapping[str, Any]
+    id: str
+    drug: Drug
+    dose: DraftDose
+    says_maintenance: bool
+
+
+# --- medications --------------------------------------------------------------------------------------------------
+
+_ROUTE_IV = re.compile(r"\b(iv|intravenous\w*|i\.v\.)\b", re.IGNORECASE)
+_ROUTE_ORAL = re.compile(r"\b(po|oral\w*|by mouth|p\.o\.)\b", re.IGNORECASE)
+ROUTE_IV_SNOMED = "47625008"  # docs/policy.md §13: SNOMED CT intravenous route
+ROUTE_ORAL_SNOMED = "26643006"  # SNOMED CT oral route
+
+
+def _object(value: Any) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else an empty one (malformed input reads as absent)."""
+    return value if isinstance(value, dict) else {}
+
+
+def _first_dosage(request: Mapping[str, Any]) -> dict[str, Any]:
+    dosages = request.get("dosageInstruction")
+    return dosages[0] if isinstance(dosages, list) and dosages and isinstance(dosages[0], dict) else {}
+
+
+def medication_route(request: Mapping[str, Any]) -> Route:
+    """The route of a MedicationRequest's first dosage: SNOMED code, else route text."""
+    dosage = _first_dosage(request)
+    route = dosage.get("route")
+    codings = route.get("coding") if isinstance(route, dict) else None
+    for coding in codings if isinstance(codings, list) else ():
+        if isinstance(coding, dict) and coding.get("code") == ROUTE_IV_SNOMED:
+            return "iv"
+        if isinstance(coding, dict) and coding.get("code") == ROUTE_ORAL_SNOMED:
+            return "oral"
+    texts = concept_texts(route) + ([dosage["text"]] if isinstance(dosage.get("text"), str) else [])
+    if any(_ROUTE_IV.search(t) for t in texts):
+        return "iv"
+    if any(_ROUTE_ORAL.search(t) for t in texts):
+        return "oral"
+    return "other" if route else "unknown"
+
+
+def medication_concept(request: Mapping[str, Any]) -> Any:
+    """The medication as a CodeableConcept: medicationCodeableConcept, or a reference's display."""
+    concept = request.get("medicationCodeableConcept")
+    if concept is not None:
+        return concept
+    reference = request.get("medicationReference")
+    if isinstance(reference, dict) and isinstance(reference.get("display"), str):
+        return {"text": reference["display"]}
+    return None
+
+
+def medication_sets(request: Mapping[str, Any]) -> frozenset[str]:
+    """The drug code sets (``DRUG_SETS``) a MedicationRequest's medication is in (``concept_in``)."""
+    return concept_sets(medication_concept(request)).matched & _DRUG_SET_NAMES
+
+
+def medication_fact(request: Mapping[str, Any], *, draft: bool) -> MedicationFact | None:
+    sets = medication_sets(request)
+    if not sets:
+        return None
+    status = request.get("status") if isinstance(request.get("status"), str) else "unknown"
+    start, end = exposure_window(request, str(status))
+    return MedicationFact(
+        source=reference_of(request),
+        name=concept_label(medication_concept(request), "medication"),
+        sets=sets,
+        status=str(status),
+        start=start,
+        end=end,
+        route=medication_route(request),
+        draft=draft,
+    )
+
+
+# --- draft orders -------------------------------------------------------------------------------------------------
+
+_TIMING_CODES: dict[str, float] = {  # doses per hour for common HL7 v3 GTSAbbreviation codes
+    "QD": 1 / 24,
+    "BID": 2 / 24,
+    "TID": 3 / 24,
+    "QID": 4 / 24,
+    "QOD": 1 / 48,
+    "Q8H": 1 / 8,
+    "Q12H": 1 / 12,
+    "Q24H": 1 / 24,
+}
+_PERIOD_HOURS = {"h": 1.0, "d": 24.0, "wk": 168.0, "min": 1 / 60, "s": 1 / 3600, "mo": 720.0}
+_MAINTENANCE = re.compile(r"\bmaintenance\b", re.IGNORECASE)
+
+
+def read_draft_dose(order: Mapping[str, Any], weight_kg: float | None) -> DraftDose:
+    """The dose (mg), frequency (doses/hour) and route of a draft's first dosage, where present. A zero or
+    negative amount is not a dose: it is reported as invalid (the card says so and proposes the computed one)."""
+    dosage = _first_dosage(order)
+    mg: float | None = None
+    invalid: str | None = None
+    rates = dosage.get("doseAndRate")
+    for rate in rates if isinstance(rates, list) else ():
+        quantity = rate.get("doseQuantity") if isinstance(rate, dict) else None
+        value = quantity.get("value") if isinstance(quantity, dict) else None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        assert isinstance(quantity, dict)
+        unit = str(quantity.get("code") or quantity.get("unit") or "").strip().lower()
+        if value <= 0:
+            invalid = f"{value:g} {unit or 'no unit'}"
+        elif unit == "mg":
+            mg = float(value)
+        elif unit == "g":
+            mg = float(value) * 1000
+        elif unit == "mg/kg" and weight_kg:
+            mg = float(value) * weight_kg
+        break
+    per_hour: float | None = None
+    timing = _object(dosage.get("timing"))
+    repeat = _object(timing.get("repeat"))
+    period, period_unit = repeat.get("period"), repeat.get("periodUnit")
+    if isinstance(period, int | float) and period > 0 and period_unit in _PERIOD_HOURS:
+        frequency = repeat.get("frequency", 1)
+        if isinstance(frequency, int | float) and frequency > 0:
+            per_hour = frequency / (period * _PERIOD_HOURS[period_unit])
+    else:
+        codings = _object(timing.get("code")).get("coding")
+        for coding in codings if isinstance(codings, list) else ():
+            if isinstance(coding, dict) and str(coding.get("code", "")).upper() in _TIMING_CODES:
+                per_hour = _TIMING_CODES[str(coding["code"]).upper()]
+    return DraftDose(mg=mg, invalid=invalid, per_hour=per_hour, route=medication_route(order))
+
+
+def says_maintenance(order: Mapping[str, Any]) -> bool:
+    """The draft says in its dosage text, notes or course of therapy that it is a maintenance regimen."""
+    texts: list[str] = []
+    for key in ("dosageInstruction", "note"):
+        items = order.get(key)
+        for item in items if isinstance(items, list) else ():
+            if isinstance(item, dict) and isinstance(item.get("text"), str):
+                texts.append(item["text"])
+    texts += concept_texts(order.get("courseOfTherapyType"))
+    return any(_MAINTENANCE.search(text) for text in texts)
+
+
+_DRUGS: tuple[tuple[str, Drug], ...] = (
+    ("Valganciclovir", "valganciclovir"),
+    ("Ganciclovir", "ganciclovir"),
+    ("Foscarnet", "foscarnet"),
+    ("Cidofovir", "cidofovir"),
+)
+
+
+def cmv_drug(order: Mapping[str, Any]) -> Drug | None:
+    """The CMV antiviral a MedicationRequest orders, by RxNorm code or name; None otherwise.
+
+    Ganciclovir by a route other than IV (ophthalmic gel, intravitreal implant) is not systemic therapy
+    and is not this service's concern; a draft without a route yet is taken as the IV drug.
+    """
+    if order.get("resourceType") != "MedicationRequest":
+        return None
+    sets = medication_sets(order)
+    for set_name, drug in _DRUGS:
+        if set_name in sets:
+            if drug == "ganciclovir" and medication_route(order) in ("other", "oral"):
+                return None
+            return drug
+    return None
