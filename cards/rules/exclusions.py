@@ -187,11 +187,11 @@ def _not_recommended_card(ctx: Context, order: OrderFact, drug: Drug, rule_id: s
     if order.drug == "cidofovir":
         summary = f"Cidofovir contraindicated: {verdict.reason}"
         section = "Contraindications"
-        lead = f"**Cidofovir must not be started.** {verdict.reason}."
+        lead = f"**Cidofovir must not be started:** {verdict.reason}."
     else:
         summary = "Foscarnet not recommended at this renal function (label Table 13)"
         section = "Table 13"
-        lead = f"**Foscarnet is not recommended for this patient.** {verdict.reason}."
+        lead = f"**Foscarnet is not recommended for this patient:** {verdict.reason}."
     detail = [lead, "", *computation_text(verdict)]
     if order.drug == "foscarnet":
         detail += [
