@@ -9,13 +9,21 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, current_app, g, request
+from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.routing import BaseConverter
 
 from service import metrics
 from service.auth import Authenticator, build_authenticator, load_trusted_issuers
 from service.config import Settings
-from service.errors import NotFound, UnsupportedMediaType, json_response, operation_outcome, register_error_handlers
+from service.errors import (
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    json_response,
+    operation_outcome,
+    register_error_handlers,
+)
 from service.fhir_client import FhirAccessPolicy
 from service.hooks import parse_json_object, run_hook, validate_request
 from service.logs import configure_logging
@@ -222,7 +230,13 @@ def _json_body() -> bytes:
     mimetype = request.mimetype
     if mimetype != "application/json" and not mimetype.endswith("+json"):
         raise UnsupportedMediaType(f"Content-Type must be application/json (got '{mimetype[:64] or 'none'}')")
-    return request.get_data(cache=False)
+    try:
+        return request.get_data(cache=False)
+    except RequestEntityTooLarge:
+        limit = current_app.config["MAX_CONTENT_LENGTH"]
+        raise PayloadTooLarge(
+            f"request body larger than the service's limit of {limit} bytes (set by CMV_CDS_MAX_BODY_BYTES)"
+        ) from None
 
 
 def _endpoint_url(settings: Settings) -> str:
