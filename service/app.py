@@ -14,7 +14,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.routing import BaseConverter
 
 from service import metrics
-from service.auth import Authenticator, build_authenticator, load_trusted_issuers
+from service.auth import Authenticator, NoTrustedIssuers, build_authenticator, load_trusted_issuers
 from service.config import Settings
 from service.errors import (
     NotFound,
@@ -63,6 +63,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     if settings.preview_active:  # CMV_CDS_PREVIEW_ENABLED; otherwise /preview is a 404
         app.register_blueprint(preview_blueprint(settings))
 
+    if settings.require_auth and isinstance(authenticator, NoTrustedIssuers):
+        log.warning(
+            "AUTHENTICATION ON WITH NO TRUSTED ISSUERS: CMV_CDS_TRUSTED_ISSUERS is empty, so every call that "
+            "needs a client JWT is refused (401). List the CDS clients (EHRs) to trust in CMV_CDS_TRUSTED_ISSUERS "
+            "(README, Security; `cmv-cds token` makes a local one to try), or set CMV_CDS_REQUIRE_AUTH=false "
+            "for local development only.",
+            extra={"setting": "CMV_CDS_TRUSTED_ISSUERS"},
+        )
     if not settings.require_auth:
         log.warning(
             "AUTHENTICATION DISABLED: CMV_CDS_REQUIRE_AUTH=false; any caller can invoke the services. "
