@@ -242,3 +242,12 @@ def test_demo_help_names_the_options(capsys: pytest.CaptureFixture[str]) -> None
     out = capsys.readouterr().out
     for flag in ("EXAMPLE", "--url", "--token", "http://127.0.0.1:8080"):
         assert flag in out
+
+
+def test_demo_stops_quietly_when_its_reader_goes(server_url: str, tmp_path: Path) -> None:
+    """`cmv-cds demo ... | head`: no BrokenPipeError traceback, the exit status of a command ended by SIGPIPE."""
+    from test_dev_token import run_into_a_closed_pipe
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    result = run_into_a_closed_pipe(["demo", "order-select-ganciclovir.json", "--url", server_url], tmp_path, env)
+    assert (result.returncode, result.stderr) == (cli.EXIT_BROKEN_PIPE, "")
