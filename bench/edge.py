@@ -29,10 +29,10 @@ from bench import fixture
 WSGI = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
-def environ(body: bytes, path: str) -> dict[str, Any]:
-    """A POST environ as gunicorn builds it (the headers an EHR sends)."""
+def environ(body: bytes, path: str, method: str = "POST") -> dict[str, Any]:
+    """An environ as gunicorn builds it (the headers an EHR sends)."""
     return {
-        "REQUEST_METHOD": "POST",
+        "REQUEST_METHOD": method,
         "SCRIPT_NAME": "",
         "PATH_INFO": path,
         "QUERY_STRING": "",
@@ -54,14 +54,14 @@ def environ(body: bytes, path: str) -> dict[str, Any]:
     }
 
 
-def call(app: WSGI, body: bytes, path: str) -> tuple[str, bytes]:
+def call(app: WSGI, body: bytes, path: str, method: str = "POST") -> tuple[str, bytes]:
     """One request; its status line and body."""
     status: list[str] = []
 
     def start_response(line: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
         status.append(line)
 
-    chunks = app(environ(body, path), start_response)
+    chunks = app(environ(body, path, method), start_response)
     data = b"".join(chunks)
     close = getattr(chunks, "close", None)
     if close is not None:
@@ -69,8 +69,8 @@ def call(app: WSGI, body: bytes, path: str) -> tuple[str, bytes]:
     return status[0], data
 
 
-def _caller(app: WSGI, body: bytes, path: str) -> Callable[[], object]:
-    return lambda: call(app, body, path)
+def _caller(app: WSGI, body: bytes, path: str, method: str = "POST") -> Callable[[], object]:
+    return lambda: call(app, body, path, method)
 
 
 def per_call_us(work: Callable[[], object], calls: int, repeats: int) -> list[float]:
@@ -169,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
             results: dict[str, list[float]] = {}
             for name, app in {"service": service, "no-op floor": floor}.items():
                 call(app, body, path)  # warm
+                call(app, b"", "/healthz", "GET")
                 results[name] = per_call_us(_caller(app, body, path), args.calls, args.repeats)
+            # GET /healthz does no work of its own in either app: the difference is the service's request edge
+            # (its before/after_request hooks: request id, log line, metrics, headers) over Flask's own.
+            for name, app in {"GET /healthz, service": service, "GET /healthz, no-op floor": floor}.items():
+                results[name] = per_call_us(_caller(app, b"", "/healthz", "GET"), args.calls * 3, args.repeats)
             # The same service without its clinical evaluation (bench/ceiling_app.py): what is left is the
             # protocol work and the request edge, so a change of the edge shows against less noise.
             edge_app = _without_evaluation(Path(tmp))
@@ -186,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     floor_us = min(results["no-op floor"])
     print(f"  {'service − floor':<30} {min(results['service']) - floor_us:8.1f}")
     print(f"  {'no evaluation − floor':<30} {min(results['service, no evaluation']) - floor_us:8.1f}")
+    edge_us = min(results["GET /healthz, service"]) - min(results["GET /healthz, no-op floor"])
+    print(f"  {'request edge (/healthz − floor)':<30} {edge_us:8.1f}")
     return 0
 
 
