@@ -102,7 +102,7 @@ def _frames_only(tb: Any) -> list[str]:
 
 
 class JsonLineHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """The service's handler: JSON lines to a stream, and a line already written by ``json_line`` as is."""
+    """The service's handler: JSON lines to a stream, and a line ``log_request`` formatted, as it is."""
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
@@ -130,18 +130,19 @@ def log_request(fields: Mapping[str, Any]) -> None:
 
     The same rules hold: the logger's level (and ``logging.disable``), each handler's level, propagation to
     the parent loggers' handlers, the allowlist. A handler without ``emit_line`` (pytest's caplog, any handler
-    an operator adds) gets an ordinary LogRecord, and a logger with filters takes the ordinary path entirely.
+    an operator adds) gets an ordinary LogRecord; with a filter on the logger itself (the only logger filter
+    logging applies, as it does not apply the parents' on propagation) the ordinary path is taken entirely.
     """
     logger = REQUEST_LOGGER
     if not logger.isEnabledFor(logging.INFO):
+        return
+    if logger.filters:
+        logger.info("request", extra=dict(fields))
         return
     line: str | None = None
     record: logging.LogRecord | None = None
     current: logging.Logger | None = logger
     while current is not None:
-        if current.filters:
-            logger.info("request", extra=dict(fields))
-            return
         for handler in current.handlers:
             if handler.level > logging.INFO:
                 continue

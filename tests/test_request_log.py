@@ -118,6 +118,17 @@ def test_levels_and_filters_are_honoured(handlers: tuple[logs.JsonLineHandler, R
         logs.REQUEST_LOGGER.removeFilter(drop_all)
     assert dropped == ["request"]
     assert (len(written(line_handler)), len(written(record_handler))) == (0, 1)
+    # A parent logger's filter is not applied to records propagated from a child (logging's rule), here too.
+    parent = logging.getLogger("cmv_cds")
+    parent.addFilter(drop_all)
+    try:
+        logs.log_request(FIELDS)
+        logging.getLogger("cmv_cds.app").info("request", extra=FIELDS)
+    finally:
+        parent.removeFilter(drop_all)
+    assert dropped == ["request"]
+    assert (len(written(line_handler)), len(written(record_handler))) == (2, 3)
+    assert written(line_handler)[0] == written(line_handler)[1] == written(record_handler)[-1]
 
 
 def test_records_still_reach_handlers_up_the_tree(
