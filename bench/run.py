@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 import requests
 
-from bench import ceiling_app, fixture
+from bench import ceiling_app, fixture, peer
 from bench.fhir_stub import RemoteStub
 from bench.load import WRK_INSTALL, LoadResult, RssSampler, find_wrk, run_wrk, timed_post, write_lua
 from bench.procs import LOOPBACK, BenchError, Processes, Server, free_port, interrupt_on_termination, wait_for
@@ -225,22 +225,27 @@ def load_app(
     seconds: float,
     recycle: bool,
     extra: Any = None,
+    peer_build: peer.Peer | None = None,
 ) -> dict[str, Any]:
-    """Start one app, check its answer, warm it, run wrk at c=1 and c=8 while sampling worker RSS."""
-    server = _start(procs, tmp, name, app, recycle)
-    is_service = app != NOOP_APP  # the service, or a --ceiling variant of it
+    """Start one app (``peer_build``: the HealthChain peer, else ``app`` under gunicorn), check its answer, warm
+    it, run wrk at c=1 and c=8 while sampling worker RSS."""
+    is_service = peer_build is None and app != NOOP_APP  # the service, or a --ceiling variant of it
+    path = SERVICE_PATH if peer_build is None else peer.PATH
+    server = _start(procs, tmp, name, app, recycle) if peer_build is None else peer.start(procs, tmp, peer_build, name)
     try:
         if is_service:
             _wait_service(server)
-        else:
+        elif peer_build is None:
             _wait_noop(server)
-        _, status, data = timed_post(server.port, SERVICE_PATH, body)
+        _, status, data = timed_post(server.port, path, body)
+        if status != 200:
+            raise BenchError(f"{name}: HTTP {status}: {data[:500]!r}")
         cards = _check_answer(status, data, name) if is_service else _cards(data)
-        run_wrk(wrk, server, SERVICE_PATH, lua, connections=8, seconds=min(2.0, seconds), label="warm-up")
+        run_wrk(wrk, server, path, lua, connections=8, seconds=min(2.0, seconds), label="warm-up")
         result: dict[str, Any] = {"cards": _describe_cards(cards), "response_bytes": len(data)}
         with RssSampler(server) as rss:
             loads: list[LoadResult] = [
-                run_wrk(wrk, server, SERVICE_PATH, lua, connections=c, seconds=seconds, label=name) for c in (1, 8)
+                run_wrk(wrk, server, path, lua, connections=c, seconds=seconds, label=name) for c in (1, 8)
             ]
             if extra is not None:
                 result.update(extra(server, result["cards"]))
@@ -303,7 +308,8 @@ def report(results: dict[str, Any]) -> str:
     lines.append(
         _fmt_row(["app", "conns", "req/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "CPU ms/req", "errors"], widths)
     )
-    for block in (noop, svc, *ceiling.values()):
+    peer_last = [results["peer"]["rounds"][-1]["peer"]] if results.get("peer") else []
+    for block in (noop, *peer_last, svc, *ceiling.values()):
         for load in block["load"]:
             lines.append(
                 _fmt_row(
@@ -359,9 +365,10 @@ def report(results: dict[str, Any]) -> str:
         f"  hook call total: median {f['total_median_ms']:.1f} ms, p90 {f['total_p90_ms']:.1f} ms, "
         f"max {f['total_max_ms']:.1f} ms over {f['calls']} calls = {f['ratio']:.2f}x the slowest single round trip; "
         f"peak concurrent FHIR requests {f['peak_concurrent_fetches']}, unmatched queries {f['stub_misses']}",
-        "",
-        "Targets:",
     ]
+    if results.get("peer"):
+        lines += ["", *peer_report(results["peer"])]
+    lines += ["", "Targets:"]
     c8 = svc["load"][1]
     checks = [
         (
@@ -383,6 +390,62 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# Issue 15's bar for the service against the peer and the floor, at c=8 (medians of the rounds).
+PEER_TARGETS = {"vs_peer": 1.0, "vs_floor": 0.40, "p99_vs_floor": 3.0}
+
+
+def _median_of(rounds: list[dict[str, Any]], app: str, key: str) -> tuple[float, list[float]]:
+    values = [float(r[app]["load"][1][key]) for r in rounds]
+    return statistics.median(values), values
+
+
+def peer_report(block: dict[str, Any]) -> list[str]:
+    """The three-way table (c=8, median and each round) and issue 15's bar."""
+    rounds = block["rounds"]
+    versions = block["versions"]
+    lines = [
+        f"Peer: HealthChain {versions['healthchain']} CDS Hooks scaffold (`healthchain new peer -t cds-hooks`, its "
+        f"app.py with the hook id changed to ours): one fixed card, no clinical logic; FastAPI {versions['fastapi']}, "
+        f"uvicorn {versions['uvicorn']} with {block['workers']} workers, POST {block['path']}",
+        f"  {block['note']}",
+        f"Three-way comparison at c=8, {len(rounds)} alternating round(s) of floor, peer, service: median [each round]",
+    ]
+    rows = [
+        ("no-op floor (Flask, gunicorn)", "noop"),
+        (f"HealthChain {versions['healthchain']} (1 fixed card)", "peer"),
+        ("this service (full evaluation)", "service"),
+    ]
+    widths = [34, 26, 26, 26]
+    lines.append(_fmt_row(["app", "req/s", "p99 ms", "CPU ms/req"], widths))
+    for label, app in rows:
+        cells = [label]
+        for key, fmt in (("rps", "{:.0f}"), ("p99_ms", "{:.1f}"), ("cpu_ms_per_request", "{:.2f}")):
+            median, values = _median_of(rounds, app, key)
+            cells.append(f"{fmt.format(median)} [{', '.join(fmt.format(v) for v in values)}]")
+        lines.append(_fmt_row(cells, widths))
+
+    def per_round(numerator: str, denominator: str, key: str) -> tuple[float, list[float]]:
+        values = [r[numerator]["load"][1][key] / r[denominator]["load"][1][key] for r in rounds]
+        return statistics.median(values), values
+
+    vs_peer = per_round("service", "peer", "rps")
+    vs_floor = per_round("service", "noop", "rps")
+    p99 = per_round("service", "noop", "p99_ms")
+    lines += [
+        f"service / peer throughput: {vs_peer[0]:.0%} [{', '.join(f'{v:.0%}' for v in vs_peer[1])}]",
+        f"service / floor throughput: {vs_floor[0]:.0%} [{', '.join(f'{v:.0%}' for v in vs_floor[1])}]",
+        f"service p99 / floor p99: {p99[0]:.1f}x [{', '.join(f'{v:.1f}' for v in p99[1])}]",
+        "Peer targets (issue 15; c=8, medians of the per-round ratios):",
+    ]
+    checks = [
+        ("service throughput >= the peer's", vs_peer[0] >= PEER_TARGETS["vs_peer"]),
+        (f"service throughput >= {PEER_TARGETS['vs_floor']:.0%} of the floor", vs_floor[0] >= PEER_TARGETS["vs_floor"]),
+        (f"service p99 <= {PEER_TARGETS['p99_vs_floor']:g}x the floor's", p99[0] <= PEER_TARGETS["p99_vs_floor"]),
+    ]
+    lines += [f"  [{'PASS' if ok else 'MISS'}] {text}" for text, ok in checks]
+    return lines
+
+
 def _run(args: argparse.Namespace, wrk: str, procs: Processes, tmp: Path) -> dict[str, Any]:
     seconds = args.duration or (3.0 if args.quick else 10.0)
     boots = args.boots or (1 if args.quick else 3)
@@ -400,37 +463,53 @@ def _run(args: argparse.Namespace, wrk: str, procs: Processes, tmp: Path) -> dic
         "recycle": args.recycle,
         "request": {"resources": fixture.resource_count(body_json), "bytes": len(body)},
     }
-    apps = 4 if args.ceiling else 2
+    rounds = args.rounds or (3 if args.peer else 1)
+    apps = (4 if args.ceiling else 2) + (3 * rounds - 2 if args.peer else 0)
     print(
         f"benchmark: {seconds:g} s per load run, {boots} fresh boot(s); "
-        f"about {int(apps * (2 * seconds + 5) + 12 * boots + 10)} s",
+        f"about {int(apps * (2 * seconds + 5) + 12 * boots + 10 + (60 if args.peer else 0))} s",
         flush=True,
     )
     print("AUTHENTICATION OFF for the benchmark: CMV_CDS_REQUIRE_AUTH=false", flush=True)
+    peer_build = None
+    if args.peer:
+        print(f"  building the peer: pip install {peer.HEALTHCHAIN} in a throwaway venv, its scaffold", flush=True)
+        peer_build = peer.build(tmp)
+        print(f"  {peer.NODELAY_NOTE}", flush=True)
     results["first_request"] = first_requests(procs, tmp, body, boots, args.recycle)
     print("  first request after boot: done", flush=True)
-    results["noop"] = load_app(
-        procs, tmp, name="no-op", app=NOOP_APP, wrk=wrk, lua=lua, body=body, seconds=seconds, recycle=args.recycle
-    )
-    print("  no-op app: done", flush=True)
     stub = start_stub(procs, tmp, delay_seconds=0.05)
 
     def scenario(server: Server, cards: list[str]) -> dict[str, Any]:
         return {"fhir": fhir_scenario(server, stub, calls, cards)}
 
-    results["service"] = load_app(
-        procs,
-        tmp,
-        name="service",
-        app=SERVICE_APP,
-        wrk=wrk,
-        lua=lua,
-        body=body,
-        seconds=seconds,
-        recycle=args.recycle,
-        extra=scenario,
-    )
-    print("  service: done", flush=True)
+    common = {"wrk": wrk, "lua": lua, "body": body, "seconds": seconds, "recycle": args.recycle}
+    peer_rounds = []
+    # With --peer, the floor, the peer and the service are loaded in turn, `rounds` times (alternating, so that
+    # a change of the machine's load touches all three alike); the last round's blocks feed the rest of the report.
+    for number in range(1, rounds + 1):
+        last = number == rounds
+        suffix = f" #{number}" if rounds > 1 else ""
+        results["noop"] = load_app(procs, tmp, name="no-op" + suffix, app=NOOP_APP, **common)
+        print(f"  no-op app{suffix}: done", flush=True)
+        if peer_build is not None:
+            peer_block = load_app(procs, tmp, name="peer" + suffix, app="", peer_build=peer_build, **common)
+            print(f"  HealthChain peer{suffix}: done", flush=True)
+        results["service"] = load_app(
+            procs, tmp, name="service" + suffix, app=SERVICE_APP, extra=scenario if last else None, **common
+        )
+        print(f"  service{suffix}: done", flush=True)
+        if peer_build is not None:
+            peer_rounds.append({"noop": results["noop"], "peer": peer_block, "service": results["service"]})
+    if peer_build is not None:
+        results["peer"] = {
+            "package": peer.HEALTHCHAIN,
+            "versions": peer_build.versions,
+            "path": peer.PATH,
+            "workers": peer.WORKERS,
+            "note": peer.NODELAY_NOTE,
+            "rounds": peer_rounds,
+        }
     if args.ceiling:
         results["ceiling"] = {}
         for variant in ceiling_app.VARIANTS:  # the service with parts taken out
@@ -468,9 +547,21 @@ def main(argv: list[str] | None = None) -> int:
         help="also load the service without its clinical evaluation, and with only the protocol work "
         "(bench/ceiling_app.py): what bounds the throughput",
     )
+    parser.add_argument(
+        "--peer",
+        action="store_true",
+        help=f"also load a Python peer, the HealthChain CDS Hooks scaffold ({peer.HEALTHCHAIN}, uvicorn, "
+        f"{peer.WORKERS} workers; bench/peer.py), built in a throwaway venv; floor, peer and service alternate "
+        "for --rounds rounds and a three-way table is printed",
+    )
+    parser.add_argument(
+        "--rounds", type=int, help="with --peer: alternating rounds of floor, peer and service (default 3)"
+    )
     parser.add_argument("--label", default="", help="a label printed with the results (e.g. before/after)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
+    if args.rounds is not None and (not args.peer or args.rounds < 1):
+        parser.error("--rounds needs --peer and must be at least 1")
 
     wrk = find_wrk()
     if wrk is None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -20,6 +19,7 @@ import orjson
 
 from cards.codes import LOINC, RXNORM, SNOMED, Concept, code_set
 from cards.dosing import Schedule
+from cards.model import new_uuid
 
 UCUM = "http://unitsofmeasure.org"
 ROUTES = {
@@ -134,7 +134,7 @@ def new_medication_request(
     """A new draft MedicationRequest (for a ``create`` action)."""
     return {
         "resourceType": "MedicationRequest",
-        "id": str(uuid.uuid4()),
+        "id": new_uuid(),
         "status": "draft",
         "intent": "order",
         "medicationCodeableConcept": medication,
@@ -190,7 +190,7 @@ def service_request(
     concept = next(c for c in code_set(set_name).concepts if c.system == LOINC)
     request: dict[str, Any] = {
         "resourceType": "ServiceRequest",
-        "id": str(uuid.uuid4()),
+        "id": new_uuid(),
         "status": "draft",
         "intent": "order",
         "code": {
@@ -217,7 +217,7 @@ def uncoded_service_request(patient_id: str, text: str, note: str) -> dict[str, 
     """A draft ServiceRequest with text only, where the reference has no code for the test."""
     return {
         "resourceType": "ServiceRequest",
-        "id": str(uuid.uuid4()),
+        "id": new_uuid(),
         "status": "draft",
         "intent": "order",
         "code": {"text": text},

@@ -5,20 +5,28 @@ from __future__ import annotations
 import logging
 import re
 import time
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Flask, Response, g, request
+from flask import Flask, Request, Response, current_app, g, request
+from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.routing import BaseConverter
 
+from cards.model import new_uuid
 from service import metrics
-from service.auth import Authenticator, build_authenticator, load_trusted_issuers
+from service.auth import Authenticator, NoTrustedIssuers, build_authenticator, load_trusted_issuers
 from service.config import Settings
-from service.errors import NotFound, UnsupportedMediaType, json_response, operation_outcome, register_error_handlers
+from service.errors import (
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    json_response,
+    operation_outcome,
+    register_error_handlers,
+)
 from service.fhir_client import FhirAccessPolicy
 from service.hooks import parse_json_object, run_hook, validate_request
-from service.logs import configure_logging
+from service.logs import configure_logging, log_request
 from service.openapi import openapi_document
 from service.preview import is_preview_path, preview_blueprint
 from service.registry import SERVICES, ServiceDefinition, discovery_document
@@ -55,6 +63,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     if settings.preview_active:  # CMV_CDS_PREVIEW_ENABLED; otherwise /preview is a 404
         app.register_blueprint(preview_blueprint(settings))
 
+    if settings.require_auth and isinstance(authenticator, NoTrustedIssuers):
+        log.warning(
+            "AUTHENTICATION ON WITH NO TRUSTED ISSUERS: CMV_CDS_TRUSTED_ISSUERS is empty, so every call that "
+            "needs a client JWT is refused (401). List the CDS clients (EHRs) to trust in CMV_CDS_TRUSTED_ISSUERS "
+            "(README, Security; `cmv-cds token` makes a local one to try), or set CMV_CDS_REQUIRE_AUTH=false "
+            "for local development only.",
+            extra={"setting": "CMV_CDS_TRUSTED_ISSUERS"},
+        )
     if not settings.require_auth:
         log.warning(
             "AUTHENTICATION DISABLED: CMV_CDS_REQUIRE_AUTH=false; any caller can invoke the services. "
@@ -65,45 +81,71 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # GET /metrics needs a JWT like every other endpoint unless CMV_CDS_METRICS_PUBLIC=true (service.metrics).
     open_paths = _UNAUTHENTICATED_PATHS | ({"/metrics"} if settings.metrics_public else set())
 
-    @app.before_request
-    def _start() -> None:
-        g.started = time.perf_counter()
-        supplied = request.headers.get("X-Request-ID", "")
-        g.request_id = supplied if _REQUEST_ID.match(supplied) else str(uuid.uuid4())
-        if is_preview_path(request.path):
-            return  # the preview page needs no token; the hook call it makes does (service.preview)
-        # CORS preflights carry no Authorization header by design (Fetch standard); they reveal nothing.
-        if settings.require_auth and request.path not in open_paths and request.method != "OPTIONS":
-            g.issuer = authenticator.authenticate(request.headers.get("Authorization"), _endpoint_url(settings))
+    # The edge of every request, in two hooks. The request and the app-context globals are looked up once per
+    # hook (each access through Flask's context proxies costs a context-variable lookup), and only the work
+    # the configuration asks for is registered: the token check with auth on, CORS headers with origins set.
+    cors_origins = frozenset(o.strip() for o in settings.cors_origins.split(",") if o.strip())
 
-    cors_origins = {o.strip() for o in settings.cors_origins.split(",") if o.strip()}
+    def _begin() -> tuple[Request, Any]:
+        req: Request = current(request)
+        state = current(g)
+        state.started = time.perf_counter()
+        supplied = req.headers.get("X-Request-ID")
+        state.request_id = supplied if supplied is not None and _REQUEST_ID.match(supplied) else new_uuid()
+        return req, state
+
+    if settings.require_auth:
+
+        @app.before_request
+        def _start_and_authenticate() -> None:
+            req, state = _begin()
+            path = req.path
+            # Open paths, CORS preflights (no Authorization header by design: Fetch standard) and the preview
+            # page (the hook call it makes is checked: service.preview) need no token; they reveal nothing.
+            if path in open_paths or req.method == "OPTIONS" or is_preview_path(path):
+                return
+            state.issuer = authenticator.authenticate(req.headers.get("Authorization"), _endpoint_url(settings, req))
+
+    else:
+
+        @app.before_request
+        def _start() -> None:
+            _begin()
+
+    if cors_origins:
+
+        @app.after_request
+        def _cors(response: Response) -> Response:
+            _add_cors_headers(current(request), response, cors_origins)
+            return response
 
     @app.after_request
     def _finish(response: Response) -> Response:
-        _add_cors_headers(response, cors_origins)
-        response.headers["X-Request-ID"] = g.get("request_id", "")
-        response.headers["Cache-Control"] = "no-store"
-        log.info(
-            "request",
-            extra={
-                "request_id": g.get("request_id"),
-                "method": request.method,
-                "path": request.url_rule.rule if request.url_rule else "unmatched",
-                "service_id": g.get("service_id"),
-                "hook_instance": g.get("hook_instance"),
+        req: Request = current(request)
+        state = vars(current(g))
+        request_id = state.get("request_id", "")
+        headers = response.headers
+        headers["X-Request-ID"] = request_id
+        headers["Cache-Control"] = "no-store"
+        rule = req.url_rule
+        route = rule.rule if rule is not None else "unmatched"
+        now = time.perf_counter()
+        seconds = now - state.get("started", now)
+        service_id = state.get("service_id")
+        log_request(
+            {
+                "request_id": request_id or None,
+                "method": req.method,
+                "path": route,
+                "service_id": service_id,
+                "hook_instance": state.get("hook_instance"),
                 "status": response.status_code,
-                "card_count": g.get("card_count"),
-                "rules": g.get("rules"),
-                "latency_ms": round((time.perf_counter() - g.get("started", time.perf_counter())) * 1000, 2),
-            },
+                "card_count": state.get("card_count"),
+                "rules": state.get("rules"),
+                "latency_ms": round(seconds * 1000, 2),
+            }
         )
-        metrics.observe_request(
-            request.method,
-            request.url_rule.rule if request.url_rule else "unmatched",
-            g.get("service_id"),
-            response.status_code,
-            time.perf_counter() - g.get("started", time.perf_counter()),
-        )
+        metrics.observe_request(req.method, route, service_id, response.status_code, seconds)
         return response
 
     @app.get("/healthz")
@@ -204,9 +246,9 @@ def _service(service_id: str) -> ServiceDefinition:
     return service
 
 
-def _add_cors_headers(response: Response, allowed: set[str]) -> None:
+def _add_cors_headers(req: Request, response: Response, allowed: frozenset[str]) -> None:
     """CORS for browser-based CDS clients (CDS Hooks 2.0.1 §CORS): only configured origins, no cookies."""
-    origin = request.headers.get("Origin")
+    origin = req.headers.get("Origin")
     if not origin or not allowed or ("*" not in allowed and origin not in allowed):
         return
     response.headers["Access-Control-Allow-Origin"] = "*" if "*" in allowed else origin
@@ -222,11 +264,23 @@ def _json_body() -> bytes:
     mimetype = request.mimetype
     if mimetype != "application/json" and not mimetype.endswith("+json"):
         raise UnsupportedMediaType(f"Content-Type must be application/json (got '{mimetype[:64] or 'none'}')")
-    return request.get_data(cache=False)
+    try:
+        return request.get_data(cache=False)
+    except RequestEntityTooLarge:
+        limit = current_app.config["MAX_CONTENT_LENGTH"]
+        raise PayloadTooLarge(
+            f"request body larger than the service's limit of {limit} bytes (set by CMV_CDS_MAX_BODY_BYTES)"
+        ) from None
 
 
-def _endpoint_url(settings: Settings) -> str:
+def _endpoint_url(settings: Settings, req: Request) -> str:
     """The URL the client called, as it must appear in the JWT ``aud`` (public base URL behind a proxy)."""
     if settings.public_base_url:
-        return settings.public_base_url.rstrip("/") + request.path
-    return request.base_url
+        return settings.public_base_url.rstrip("/") + req.path
+    return req.base_url
+
+
+def current(proxy: Any) -> Any:
+    """The object behind one of Flask's context proxies (``request``, ``g``), looked up once: werkzeug's
+    documented ``LocalProxy._get_current_object``."""
+    return proxy._get_current_object()

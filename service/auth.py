@@ -90,17 +90,23 @@ def bearer_token(authorization_header: str | None) -> str:
     scheme, _, token = (authorization_header or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         log.info("authentication failed", extra={"reason": "missing bearer token"})
-        raise Unauthorized(GENERIC_FAILURE)
+        raise Unauthorized(GENERIC_FAILURE, log_reason="missing bearer token")
     return token.strip()
 
 
+NO_TRUSTED_ISSUERS = "no trusted issuers configured (CMV_CDS_TRUSTED_ISSUERS is empty), so no token can be verified"
+
+
 class NoTrustedIssuers:
-    """Fail-closed authenticator used while no trusted issuer is configured: every call is refused."""
+    """Fail-closed authenticator used while no trusted issuer is configured: every call is refused.
+
+    The app warns once at start (service.app); each refusal is then an ordinary authentication failure
+    whose reason says why and which setting to change."""
 
     def authenticate(self, authorization_header: str | None, endpoint_url: str) -> str:
         bearer_token(authorization_header)
-        log.warning("authentication failed", extra={"reason": "no trusted issuers configured"})
-        raise Unauthorized(GENERIC_FAILURE)
+        log.info("authentication failed", extra={"reason": NO_TRUSTED_ISSUERS, "setting": "CMV_CDS_TRUSTED_ISSUERS"})
+        raise Unauthorized(GENERIC_FAILURE, log_reason=NO_TRUSTED_ISSUERS)
 
 
 # --- configuration ----------------------------------------------------------------------------
@@ -423,7 +429,7 @@ class JwtAuthenticator:
             if refused.issuer is not None:
                 extra["issuer"] = refused.issuer
             log.info("authentication failed", extra=extra)
-            raise Unauthorized(GENERIC_FAILURE) from None
+            raise Unauthorized(GENERIC_FAILURE, log_reason=refused.reason) from None
 
     def _verify(self, token: str, endpoint_url: str) -> str:
         if len(token) > MAX_TOKEN_CHARS:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_report_parser(commands)
     _add_demo_parser(commands)
+    _add_token_parser(commands)
     return parser
 
 
@@ -161,8 +163,81 @@ def _add_demo_parser(commands: Any) -> None:
         ),
     )
     demo.add_argument("example", metavar="EXAMPLE", help="a request file, or a file name in examples/")
-    demo.add_argument("--url", default="http://127.0.0.1:8080", help="the service's base URL (default %(default)s)")
-    demo.add_argument("--token", metavar="JWT", help="a CDS Hooks client JWT for the service, when auth is on")
+    demo.add_argument("--url", help=f"the service's base URL (default {_LOCAL_URL_HELP})")
+    demo.add_argument(
+        "--token", metavar="JWT", help="a CDS Hooks client JWT for the service's hook endpoint, when auth is on"
+    )
+
+
+def _add_token_parser(commands: Any) -> None:
+    from service import dev_token
+
+    token = commands.add_parser(
+        "token",
+        help="mint a short-lived client JWT from a local development key (to try authentication locally)",
+        description=(
+            "Print a CDS Hooks client JWT for one endpoint of a service running locally, signed with a development "
+            "key made on first use in --key-dir (private key readable by you only, never committed). With "
+            "--trusted-issuers, print instead the CMV_CDS_TRUSTED_ISSUERS value that makes the service trust that "
+            "key. Each token is for one endpoint (aud), lives --lifetime seconds and is accepted once (jti). "
+            "For local development only."
+        ),
+    )
+    token.add_argument(
+        "target",
+        nargs="?",
+        metavar="ENDPOINT",
+        help="the id of a CDS service (its hook endpoint), a path such as /cds-services or "
+        "/cds-services/ID/feedback, or a full URL",
+    )
+    token.add_argument(
+        "--url",
+        help=f"the service's base URL as it sees itself ({_env_name('public_base_url')} when set; "
+        f"default {_LOCAL_URL_HELP})",
+    )
+    token.add_argument(
+        "--key-dir",
+        metavar="DIR",
+        default=dev_token.DEFAULT_KEY_DIR,
+        help="where the development key is kept (default %(default)s in the working directory)",
+    )
+    token.add_argument(
+        "--lifetime",
+        metavar="SECONDS",
+        type=_lifetime,
+        default=dev_token.DEFAULT_LIFETIME_SECONDS,
+        help=f"token lifetime, 1 to {dev_token.MAX_LIFETIME_SECONDS} (default %(default)s)",
+    )
+    token.add_argument(
+        "--trusted-issuers",
+        action="store_true",
+        help="print the CMV_CDS_TRUSTED_ISSUERS value (JSON, a static jwks) that trusts the key, not a token",
+    )
+
+
+def _lifetime(text: str) -> int:
+    from service.dev_token import MAX_LIFETIME_SECONDS
+
+    value = _positive_int(text)
+    if value > MAX_LIFETIME_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_LIFETIME_SECONDS} seconds, not {value}")
+    return value
+
+
+# The local service the demo and token commands talk to by default: the port `cmv-cds serve` listens on.
+_LOCAL_URL_HELP = f"http://127.0.0.1:${_env_name('port')}, i.e. http://127.0.0.1:{_default('port')} when unset"
+
+
+def local_service_url() -> str:
+    """``http://127.0.0.1:<CMV_CDS_PORT>``: where ``cmv-cds serve`` listens, given the same environment.
+    Raises ConfigError for an unusable port."""
+    raw = os.environ.get(_env_name("port"), "").strip()
+    if not raw:
+        return f"http://127.0.0.1:{_default('port')}"
+    try:
+        return f"http://127.0.0.1:{_port(raw)}"
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(f"{_env_name('port')}: {exc}") from None
 
 
 # Names gunicorn accepts as settings: what it would read from a ``-c python:module`` config.
@@ -268,24 +343,80 @@ def _report(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from service import demo
 
-    return demo.run(args.example, args.url, args.token, sys.stdout, sys.stderr, prog=PROG)
+    try:
+        url = args.url or local_service_url()
+    except ConfigError as exc:
+        print(f"{PROG} demo: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    return demo.run(args.example, url, args.token, sys.stdout, sys.stderr, prog=PROG)
+
+
+def _token(args: argparse.Namespace) -> int:
+    """``cmv-cds token``: a token (or, with --trusted-issuers, the issuers value) on stdout, nothing else."""
+    import json
+    from pathlib import Path
+
+    from service import dev_token
+
+    if not args.trusted_issuers and not args.target:
+        print(f"{PROG} token: name the ENDPOINT the token is for (e.g. cmv-antiviral-order-select)", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    try:
+        url = args.url or local_service_url()
+        key, created = dev_token.load_or_create_key(Path(args.key_dir))
+    except (ConfigError, dev_token.DevKeyError) as exc:
+        print(f"{PROG} token: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if created:
+        # The command as the user typed it (.venv/bin/cmv-cds, or cmv-cds on PATH), so the hint can be pasted.
+        invoked = sys.argv[0] if sys.argv and Path(sys.argv[0]).name == PROG else PROG
+        print(
+            f"{PROG} token: made a development key in {args.key_dir}/ (local use only); the service trusts it "
+            f'with {_env_name("trusted_issuers")}="$({invoked} token --trusted-issuers)"',
+            file=sys.stderr,
+        )
+    if args.trusted_issuers:
+        print(json.dumps(dev_token.trusted_issuers(key), separators=(",", ":")))
+    else:
+        print(dev_token.mint(key, dev_token.endpoint_url(url, args.target), args.lifetime))
+    return 0
+
+
+_COMMANDS = {"serve": _serve, "report": _report, "demo": _demo, "token": _token}
+# The exit status of a command whose reader went away (`cmv-cds report | head`), as for a process ended by
+# SIGPIPE (128 + 13): what a shell reports for `cat` in the same place.
+EXIT_BROKEN_PIPE = 141
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cmv-cds`` console script. Returns the exit status."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader of stdout (`| head`) has gone: stop quietly, as command-line tools do. Point stdout at
+        # /dev/null so the interpreter's own flush at exit cannot fail again (Python docs, "Note on SIGPIPE").
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # stdout is not a file descriptor (embedded use): nothing to flush later
+            pass
+        return EXIT_BROKEN_PIPE
+    return status
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
         return exc.code if isinstance(exc.code, int) else 2
-    if args.command == "serve":
-        return _serve(args)
-    if args.command == "report":
-        return _report(args)
-    if args.command == "demo":
-        return _demo(args)
-    parser.print_help(sys.stderr)
-    return 2
+    command = _COMMANDS.get(args.command)
+    if command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return command(args)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import uuid
 from typing import Any
 
 import orjson
-from flask import Flask, Response
+from flask import Flask, Response, g, request
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
@@ -20,15 +20,27 @@ log = logging.getLogger("cmv_cds.errors")
 
 
 class CdsError(Exception):
-    """Base class: a status code, a FHIR issue code and an optional FHIRPath-like location."""
+    """Base class: a status code, a FHIR issue code and an optional FHIRPath-like location.
+
+    ``message`` goes to the client and may quote its input. The log gets only ``refusal`` (a fixed phrase
+    per class), the field path and ``log_reason``, a fixed string written by this code base (for a 401, why
+    the token was refused), so no patient data or token can reach it.
+    """
 
     status = 400
     issue_code = "invalid"
+    refusal = "invalid request"
 
-    def __init__(self, message: str, *, expression: str | None = None) -> None:
+    def __init__(self, message: str, *, expression: str | None = None, log_reason: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.expression = expression
+        self.log_reason = log_reason
+
+    def log_text(self) -> str:
+        """What the log says about this refusal, e.g. ``invalid request at context.draftOrders``."""
+        text = self.refusal if self.expression is None else f"{self.refusal} at {self.expression}"
+        return text if self.log_reason is None else f"{text}: {self.log_reason}"
 
 
 class InvalidRequest(CdsError):
@@ -36,6 +48,7 @@ class InvalidRequest(CdsError):
 
     status = 400
     issue_code = "invalid"
+    refusal = "invalid request"
 
 
 class Unauthorized(CdsError):
@@ -43,6 +56,7 @@ class Unauthorized(CdsError):
 
     status = 401
     issue_code = "login"
+    refusal = "authentication failed"
 
 
 class NotFound(CdsError):
@@ -50,6 +64,7 @@ class NotFound(CdsError):
 
     status = 404
     issue_code = "not-found"
+    refusal = "not found"
 
 
 class PreconditionFailed(CdsError):
@@ -57,6 +72,7 @@ class PreconditionFailed(CdsError):
 
     status = 412
     issue_code = "incomplete"
+    refusal = "required FHIR data unavailable"
 
 
 class PayloadTooLarge(CdsError):
@@ -64,6 +80,7 @@ class PayloadTooLarge(CdsError):
 
     status = 413
     issue_code = "too-costly"
+    refusal = "request body over CMV_CDS_MAX_BODY_BYTES"
 
 
 class UnsupportedMediaType(CdsError):
@@ -71,6 +88,7 @@ class UnsupportedMediaType(CdsError):
 
     status = 415
     issue_code = "not-supported"
+    refusal = "request body not declared as JSON"
 
 
 def operation_outcome(
@@ -102,11 +120,17 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(CdsError)
     def _cds_error(error: CdsError) -> Response:
-        # The message may quote client input (it goes back to the client); the log gets only the error
-        # type and the field path, which never carry patient data.
+        # The message may quote client input (it goes back to the client); the log gets only fixed phrases
+        # and the field path (CdsError.log_text), which never carry patient data.
         log.info(
             "request refused",
-            extra={"status": error.status, "reason": f"{type(error).__name__} at {error.expression or 'body'}"},
+            extra={
+                "request_id": g.get("request_id"),
+                "method": request.method,
+                "path": request.url_rule.rule if request.url_rule else "unmatched",
+                "status": error.status,
+                "reason": error.log_text(),
+            },
         )
         return error_response(error)
 

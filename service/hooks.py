@@ -19,6 +19,9 @@ from service.fhir_client import FhirAccessPolicy
 from service.registry import ServiceDefinition
 from service.validation import validate
 
+# orjson refuses documents nested deeper than this (its recursion limit; no CDS Hooks request comes close).
+MAX_JSON_DEPTH = 1024
+
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     """Decode a request body that must be a JSON object; 400 otherwise."""
@@ -26,7 +29,12 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest("request body is empty; expected a JSON object")
     try:
         body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as exc:
+        if exc.msg.startswith("depth limit"):  # orjson's fixed nesting limit: valid JSON, but not readable here
+            raise InvalidRequest(
+                f"request body is nested too deeply: JSON arrays and objects may be nested at most "
+                f"{MAX_JSON_DEPTH} levels deep"
+            ) from None
         raise InvalidRequest("request body is not valid JSON (UTF-8)") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")

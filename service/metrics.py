@@ -27,6 +27,7 @@ import re
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import requests
 from prometheus_client import (
@@ -125,17 +126,42 @@ def method_label(method: str) -> str:
     return method if method in _METHODS else "other"
 
 
+# The labelled children of each label combination seen, so a request costs a dict lookup instead of
+# prometheus_client's label validation, lock and lookup in ``labels()`` (the values are the same objects
+# ``labels()`` returns; in multiprocess mode each re-opens its file when the process id changes, so they
+# survive a fork). The label values are the service's own vocabulary, so these stay small; the cap only
+# guards against a mistake.
+_MAX_CACHED_CHILDREN = 4096
+_request_children: dict[tuple[str, str, str | None, int], tuple[Any, Any]] = {}
+_card_children: dict[tuple[str, str, str], Any] = {}
+
+
 def observe_request(method: str, route: str, service_id: str | None, status: int, seconds: float) -> None:
     """Count one answered request and its latency (called once per request, from the app's after_request)."""
     method = method_label(method)
-    REQUESTS.labels(method, route, service_id or "", str(status)).inc()
-    REQUEST_DURATION.labels(method, route).observe(max(seconds, 0.0))
+    key = (method, route, service_id, status)
+    children = _request_children.get(key)
+    if children is None:
+        children = (
+            REQUESTS.labels(method, route, service_id or "", str(status)),
+            REQUEST_DURATION.labels(method, route),
+        )
+        if len(_request_children) < _MAX_CACHED_CHILDREN:
+            _request_children[key] = children
+    children[0].inc()
+    children[1].observe(max(seconds, 0.0))
 
 
 def count_cards(service_id: str, cards: Iterable[tuple[str, str]]) -> None:
     """Count returned cards, given as (rule id, indicator) pairs."""
     for rule_id, indicator in cards:
-        CARDS.labels(service_id, rule_id, indicator).inc()
+        key = (service_id, rule_id, indicator)
+        child = _card_children.get(key)
+        if child is None:
+            child = CARDS.labels(service_id, rule_id, indicator)
+            if len(_card_children) < _MAX_CACHED_CHILDREN:
+                _card_children[key] = child
+        child.inc()
 
 
 @contextmanager

@@ -1,8 +1,9 @@
 """Whole-suite guard: no patient data in any log line written by the service during the test run.
 
 conftest installs ``CAPTURE`` on the ``cmv_cds`` logger for the whole session, formatting records
-exactly as production does; at the end of the session ``leaks()`` looks for every fixture patient's
-names, identifiers and birth date, and for raw FHIR resources.
+exactly as production does (and taking the per-request line as the service writes it, already
+formatted); at the end of the session ``leaks()`` looks for every fixture patient's names, identifiers
+and birth date, and for raw FHIR resources.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ class Capture(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(self.formatter_.format(record))
+
+    def emit_line(self, line: str) -> None:
+        """A line the service formatted itself (service.logs.log_request: the per-request line)."""
+        self.lines.append(line)
 
 
 CAPTURE = Capture()

@@ -801,3 +801,102 @@ def test_http_no_trusted_issuers_refuses_everything(
     client = create_app({**app_config, "trusted_issuers": ""}).test_client()
     response = client.get("/cds-services", headers={"Authorization": bearer(env.es384(aud=LOCAL_DISCOVERY))})
     assert_generic_401(response)
+
+
+# --- what the log says about auth (operator's view) ---------------------------------------------
+
+
+STARTUP_WARNING = "AUTHENTICATION ON WITH NO TRUSTED ISSUERS"
+
+
+def _startup_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno == logging.WARNING and r.getMessage().startswith(STARTUP_WARNING)]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "warned"),
+    [({"trusted_issuers": ""}, True), ({}, False), ({"trusted_issuers": "", "require_auth": False}, False)],
+    ids=["auth-on-no-issuers", "auth-on-with-issuers", "auth-off"],
+)
+def test_start_up_warns_when_auth_is_on_with_no_trusted_issuers(
+    create_app: Callable[..., Any],
+    app_config: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+    overrides: dict[str, Any],
+    warned: bool,
+) -> None:
+    app = create_app({**app_config, **overrides})
+    try:
+        warnings = _startup_warnings(caplog)
+        assert len(warnings) == (1 if warned else 0)
+        if warned:
+            assert getattr(warnings[0], "setting", None) == "CMV_CDS_TRUSTED_ISSUERS"
+            line = JsonFormatter().format(warnings[0])
+            assert "every call that needs a client JWT is refused (401)" in line
+    finally:
+        app.extensions["cmv_cds"]["store"].dispose()
+
+
+def _refusals(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage() == "request refused"]
+
+
+def test_each_refusal_logs_its_request_and_a_meaningful_reason(
+    create_app: Callable[..., Any], app_config: dict[str, Any], env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One "request refused" line per refusal, with the request id and route, and a reason an operator can
+    act on: the authentication failure itself, never "Unauthorized at body"."""
+    now = int(time.time())
+    client = create_app(app_config).test_client()
+    expired = env.es384(aud=LOCAL_DISCOVERY, iat=now - 900, exp=now - 600)
+    calls = [
+        ({}, "authentication failed: missing bearer token"),
+        ({"Authorization": bearer(expired)}, "authentication failed: token expired"),
+        ({"Authorization": bearer(env.es384(aud=AUDIENCE))}, "authentication failed: audience mismatch"),
+    ]
+    for number, (headers, reason) in enumerate(calls):
+        caplog.clear()
+        response = client.get("/cds-services", headers={**headers, "X-Request-ID": f"req-{number}"})
+        assert_generic_401(response)
+        (refusal,) = _refusals(caplog)
+        line = json.loads(JsonFormatter().format(refusal))
+        assert {key: line[key] for key in ("request_id", "method", "path", "status", "reason")} == {
+            "request_id": f"req-{number}",
+            "method": "GET",
+            "path": "/cds-services",
+            "status": 401,
+            "reason": reason,
+        }
+        assert "Unauthorized" not in line["reason"]
+
+
+def test_no_trusted_issuers_refusal_says_which_setting(
+    create_app: Callable[..., Any], app_config: dict[str, Any], env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = create_app({**app_config, "trusted_issuers": ""}).test_client()
+    caplog.clear()
+    assert_generic_401(client.get("/cds-services", headers={"Authorization": bearer(env.es384(aud=LOCAL_DISCOVERY))}))
+    (refusal,) = _refusals(caplog)
+    assert getattr(refusal, "reason", "") == (
+        "authentication failed: no trusted issuers configured (CMV_CDS_TRUSTED_ISSUERS is empty), "
+        "so no token can be verified"
+    )
+    (failure,) = [r for r in caplog.records if r.getMessage() == "authentication failed"]
+    assert failure.levelno == logging.INFO  # the start-up warning is the loud one, not every request
+    assert getattr(failure, "setting", None) == "CMV_CDS_TRUSTED_ISSUERS"
+
+
+def test_other_refusals_name_what_and_where(
+    create_app: Callable[..., Any], app_config: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    client = create_app({**app_config, "require_auth": False}).test_client()
+    cases = [
+        (client.post("/cds-services/cmv-antiviral-order-select", json={"hook": "x"}), "invalid request at "),
+        (client.post("/cds-services/nope", json={}), "not found at id"),
+        (client.post("/cds-services/cmv-antiviral-order-select", data="x"), "request body not declared as JSON"),
+    ]
+    reasons_logged = [str(getattr(r, "reason", "")) for r in _refusals(caplog)]
+    assert len(reasons_logged) == len(cases)
+    for (response, reason), logged in zip(cases, reasons_logged, strict=True):
+        assert response.status_code in (400, 404, 415)
+        assert logged.startswith(reason), logged

@@ -242,3 +242,27 @@ def test_demo_help_names_the_options(capsys: pytest.CaptureFixture[str]) -> None
     out = capsys.readouterr().out
     for flag in ("EXAMPLE", "--url", "--token", "http://127.0.0.1:8080"):
         assert flag in out
+
+
+def test_demo_stops_quietly_when_its_reader_goes(server_url: str, tmp_path: Path) -> None:
+    """`cmv-cds demo ... | head`: no BrokenPipeError traceback, the exit status of a command ended by SIGPIPE."""
+    from test_dev_token import run_into_a_closed_pipe
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    result = run_into_a_closed_pipe(["demo", "order-select-ganciclovir.json", "--url", server_url], tmp_path, env)
+    assert (result.returncode, result.stderr) == (cli.EXIT_BROKEN_PIPE, "")
+
+
+def test_demo_runs_the_order_sign_example_against_the_order_sign_service(server_url: str) -> None:
+    result = run_demo("order-sign-valganciclovir", "--url", server_url)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    # Table 2 of the valganciclovir label for CrCl 25–39 mL/min, and the mycophenolate interaction (label §7).
+    assert "[WARNING] Adjust valganciclovir: 450 mg PO once daily (CrCl " in out
+    assert "- Update order: valganciclovir 450 mg PO once daily (recommended)" in out
+    flat = " ".join(out.split())  # lines are wrapped to the terminal width
+    assert (
+        "- update MedicationRequest draft-vgc: valganciclovir 450 mg tablet, dose 450 mg, every day for 21 days" in flat
+    )
+    assert "[WARNING] 1 interacting medication(s)" in out
+    assert "mycophenolate mofetil 500 mg tablet" in out

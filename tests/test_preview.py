@@ -188,6 +188,8 @@ def test_examples_listing(client: FlaskClient) -> None:
     names = sorted(path.name for path in EXAMPLES_DIR.glob("*.json"))
     assert GANCICLOVIR in names
     assert [example["name"] for example in body["examples"]] == names
+    # Both hooks have an example to pick (the page calls the service whose hook the example names).
+    assert {"name": "order-sign-valganciclovir.json", "hook": "order-sign"} in body["examples"]
     for example in body["examples"]:
         expected = json.loads((EXAMPLES_DIR / example["name"]).read_text(encoding="utf-8"))["hook"]
         assert example["hook"] == expected

@@ -36,8 +36,8 @@ from service.validation import is_valid
 # --------------------------------------------------------------------------------------------------
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SPEC_EXAMPLES = SHARED / "reference" / "cds-hooks-artifacts" / "spec-examples"
+# The CDS Hooks 2.0.1 specification's own JSON examples, copied into the repository (see its SOURCES.md).
+SPEC_EXAMPLES = REPO_ROOT / "tests" / "fixtures" / "cds-hooks-spec"
 VALUESETS = REPO_ROOT / "fhir_profiles" / "valuesets"
 
 SELECT_ID = "cmv-antiviral-order-select"
@@ -700,8 +700,16 @@ def test_body_over_the_cap_is_413_json(tmp_path: Path) -> None:
         client = app.test_client()
         body = gcv_request()
         assert len(json.dumps(body)) > 1024
-        check_error(client.post(SELECT_URL, json=body), 413)
-        check_error(client.post(f"{SELECT_URL}/feedback", data=b"x" * 2048, content_type="application/json"), 413)
+        for response in (
+            client.post(SELECT_URL, json=body),
+            client.post(f"{SELECT_URL}/feedback", data=b"x" * 2048, content_type="application/json"),
+        ):
+            issue = check_error(response, 413)
+            # The client is told the limit and the operator the setting that changes it.
+            assert issue["code"] == "too-costly"
+            assert issue["diagnostics"] == (
+                "request body larger than the service's limit of 1024 bytes (set by CMV_CDS_MAX_BODY_BYTES)"
+            )
     finally:
         app.extensions["cmv_cds"]["store"].dispose()
 
@@ -836,8 +844,6 @@ def test_invalid_feedback_is_400(client: FlaskClient, store_of: FeedbackStore, b
 @pytest.mark.parametrize("name", ["accepted", "overridden-no-reason", "overridden-with-reason"])
 def test_spec_feedback_examples_are_accepted(client: FlaskClient, store_of: FeedbackStore, name: str) -> None:
     path = SPEC_EXAMPLES / f"cds-hooks-2.0.1.feedback-{name}.json"
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
     example = json.loads(path.read_text(encoding="utf-8"))
     assert post_feedback(client, example) == {"stored": 1, "unknownCards": 1}
     (row,) = store_of.list_feedback()
@@ -911,10 +917,25 @@ def test_fhir_json_content_type_is_accepted(client: FlaskClient) -> None:
     assert response.status_code == 200
 
 
-@pytest.mark.parametrize("depth", [1100, 20000])
-def test_absurdly_nested_json_is_400(client: FlaskClient, depth: int) -> None:
-    """JSON nested past 1024 levels (orjson's limit) is refused as invalid JSON, never a RecursionError."""
-    body = b'{"hook":"order-select","hookInstance":"x","context":' + b'{"a":' * depth + b"1" + b"}" * depth + b"}"
-    response = client.post(SELECT_URL, data=body, content_type="application/json")
-    assert response.status_code == 400
-    assert response.get_json()["resourceType"] == "OperationOutcome"
+TOO_DEEP = "request body is nested too deeply: JSON arrays and objects may be nested at most 1024 levels deep"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"hook":"order-select","hookInstance":"x","context":' + b'{"a":' * 1100 + b"1" + b"}" * 1100 + b"}",
+        b'{"hook":"order-select","hookInstance":"x","context":' + b'{"a":' * 20000 + b"1" + b"}" * 20000 + b"}",
+        b"[" * 100_000 + b"]" * 100_000,
+    ],
+    ids=["objects-1100", "objects-20000", "array-100000"],
+)
+def test_absurdly_nested_json_is_400_too_deep(client: FlaskClient, body: bytes) -> None:
+    """Valid JSON nested past 1024 levels (orjson's limit) is refused as too deeply nested, never a
+    RecursionError, and not called invalid JSON (it is not)."""
+    issue = check_error(client.post(SELECT_URL, data=body, content_type="application/json"), 400)
+    assert issue["diagnostics"] == TOO_DEEP
+
+
+def test_broken_json_is_still_called_invalid(client: FlaskClient) -> None:
+    issue = check_error(client.post(SELECT_URL, data=b'{"hook": ', content_type="application/json"), 400)
+    assert issue["diagnostics"] == "request body is not valid JSON (UTF-8)"

@@ -1,5 +1,5 @@
-// Test-only FHIR R4 server: Medplum's in-memory FHIR router behind a small Node HTTP wrapper
-// (reference: /work/shared/reference/ecosystem.md §4). Started by tests/fhir_server_fixture.py.
+// Test-only FHIR R4 server: Medplum's in-memory FHIR router (npm @medplum/fhir-router, pinned in
+// package.json) behind a small Node HTTP wrapper. Started by tests/fhir_server_fixture.py.
 //
 //   SEED=bundle.json PORT=8103 TOKEN=secret node server.mjs     # base URL http://127.0.0.1:8103/fhir/R4
 //
