@@ -83,8 +83,9 @@ def test_the_service_accepts_the_token_once_for_its_endpoint(
 
     answer = client.post(SELECT, json=EXAMPLE, headers=bearer(token))
     assert answer.status_code == 200, answer.get_data(as_text=True)
-    (card,) = answer.get_json()["cards"]
+    card, info = answer.get_json()["cards"]  # the dose, and reducing the transplant recipient's immunosuppression
     assert card["summary"].startswith("Adjust ganciclovir: 400 mg IV every 12 hours")
+    assert info["source"]["topic"]["code"] == "reduce-immunosuppression"
 
     # The same token again: its jti was used.
     assert client.post(SELECT, json=EXAMPLE, headers=bearer(token)).status_code == 401

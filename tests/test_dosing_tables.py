@@ -1,6 +1,6 @@
 """Every row of every dosing table: the label's numbers, the band edges, and the dose the card proposes.
 
-The literal tables below are typed from clinical.md §1.2, §2.2, §3.2 and §4 (and policy.md §4 band
+The literal tables below are typed from docs/clinical-basis.md §2.2, §2.2, §3.2 and §4 (and docs/policy.md §5 band
 edges) independently of ``cards/dosing.py``, so a change to the data fails here.
 """
 
@@ -20,7 +20,7 @@ from cards.regimen import Regimen, compute
 
 TODAY = dt.date(2026, 11, 22)
 
-FOSCARNET_BANDS = (  # clinical.md §3.2 Table 13, the recommended bands of every column
+FOSCARNET_BANDS = (  # docs/clinical-basis.md §4.2 Table 13, the recommended bands of every column
     "> 1.4 mL/min/kg",
     "(1, 1.4] mL/min/kg",
     "(0.8, 1] mL/min/kg",
@@ -41,7 +41,7 @@ def _foscarnet_column(phase: str, column: str, doses: list[tuple[int, int]]) -> 
 
 # (phase, column, band label, mg/kg or fixed mg, frequency, period, periodUnit) — None schedule: not recommended.
 LABEL_TABLES: dict[str, list[tuple[Any, ...]]] = {
-    "ganciclovir": [  # clinical.md §1.2 Table 1
+    "ganciclovir": [  # docs/clinical-basis.md §2.2 Table 1
         ("induction", "label", "≥ 70 mL/min", 5.0, 1, 12, "h"),
         ("induction", "label", "[50, 70) mL/min", 2.5, 1, 12, "h"),
         ("induction", "label", "[25, 50) mL/min", 2.5, 1, 24, "h"),
@@ -53,7 +53,7 @@ LABEL_TABLES: dict[str, list[tuple[Any, ...]]] = {
         ("maintenance", "label", "[10, 25) mL/min", 0.625, 1, 24, "h"),
         ("maintenance", "label", "< 10 mL/min", 0.625, 3, 1, "wk"),
     ],
-    "valganciclovir": [  # clinical.md §2.2 Table 2 (fixed mg)
+    "valganciclovir": [  # docs/clinical-basis.md §3.2 Table 2 (fixed mg)
         ("induction", "label", "≥ 60 mL/min", 900, 2, 1, "d"),
         ("induction", "label", "[40, 60) mL/min", 450, 2, 1, "d"),
         ("induction", "label", "[25, 40) mL/min", 450, 1, 1, "d"),
@@ -65,7 +65,7 @@ LABEL_TABLES: dict[str, list[tuple[Any, ...]]] = {
         ("maintenance", "label", "[10, 25) mL/min", 450, 2, 1, "wk"),
         ("maintenance", "label", "< 10 mL/min", None, None, None, None),
     ],
-    "foscarnet": [  # clinical.md §3.2 Table 13, mL/min/kg
+    "foscarnet": [  # docs/clinical-basis.md §4.2 Table 13, mL/min/kg
         *_foscarnet_column("induction", dosing.FOS_IND_60, [(60, 8), (45, 8), (50, 12), (40, 12), (60, 24), (50, 24)]),
         *_foscarnet_column(
             "induction", dosing.FOS_IND_90, [(90, 12), (70, 12), (50, 12), (80, 24), (60, 24), (50, 24)]
@@ -77,7 +77,7 @@ LABEL_TABLES: dict[str, list[tuple[Any, ...]]] = {
             "maintenance", dosing.FOS_MAINT_120, [(120, 24), (90, 24), (65, 24), (105, 48), (80, 48), (65, 48)]
         ),
     ],
-    "cidofovir": [  # clinical.md §4
+    "cidofovir": [  # docs/clinical-basis.md §5
         ("induction", "label", "> 55 mL/min", 5.0, 1, 1, "wk"),
         ("maintenance", "label", "> 55 mL/min", 5.0, 1, 2, "wk"),
     ],
@@ -117,7 +117,7 @@ def test_every_row_cites_its_source() -> None:
 
 
 def test_hemodialysis_rows() -> None:
-    """policy.md §3/§4: dialysis → the < 10 row (ganciclovir 3×/week after HD; valganciclovir and foscarnet
+    """docs/policy.md §4/§4: dialysis → the < 10 row (ganciclovir 3×/week after HD; valganciclovir and foscarnet
     not recommended), whatever the CrCl."""
     gcv = dosing.select_row("ganciclovir", "induction", 95.0, on_dialysis=True)
     assert (gcv.mg_per_kg, gcv.schedule and gcv.schedule.frequency, gcv.schedule and gcv.schedule.period_unit) == (
@@ -145,7 +145,7 @@ def _edges(row: DoseRow) -> list[tuple[float, bool]]:
 
 @pytest.mark.parametrize("row", ALL_ROWS, ids=_row_id)
 def test_band_edges(row: DoseRow) -> None:
-    """policy.md §4 half-open edges: each edge value lands in exactly the row the policy says."""
+    """docs/policy.md §5 half-open edges: each edge value lands in exactly the row the policy says."""
     for value, inside in _edges(row):
         if value < 0:
             continue
@@ -224,7 +224,7 @@ def _expected_mg(row: DoseRow, weight: float) -> float:
     if row.fixed_mg is not None:
         return row.fixed_mg
     assert row.mg_per_kg is not None
-    step = {"ganciclovir": 5, "cidofovir": 5, "foscarnet": 50}[row.drug]  # policy.md §5
+    step = {"ganciclovir": 5, "cidofovir": 5, "foscarnet": 50}[row.drug]  # docs/policy.md §6
     return math.floor(row.mg_per_kg * weight / step + 0.5) * step
 
 
@@ -236,7 +236,7 @@ CARD_ROWS = [r for r in ALL_ROWS if r.recommended and r.column in DEFAULT_COLUMN
 @pytest.mark.parametrize("row", CARD_ROWS, ids=_row_id)
 def test_card_proposes_the_row_dose(row: DoseRow, weight: float) -> None:
     """Through the engine: a draft without dose → an update with doseQuantity (mg) and timing.repeat."""
-    # Cidofovir also needs SCr ≤ 1.5 mg/dL (policy.md §4): SCr 1.0 gives CrCl > 55 for every weight here.
+    # Cidofovir also needs SCr ≤ 1.5 mg/dL (docs/policy.md §5): SCr 1.0 gives CrCl > 55 for every weight here.
     target = (140 - AGE) * weight / 72 if row.drug == "cidofovir" else _target(row)
     text = "maintenance" if row.phase == "maintenance" else None
     route = "oral" if row.drug == "valganciclovir" else "IV"
@@ -260,7 +260,7 @@ def test_card_proposes_the_row_dose(row: DoseRow, weight: float) -> None:
     )
     if row.phase == "induction":
         assert repeat["boundsDuration"]["value"] == dosing.INDUCTION_DAYS[row.drug]
-    route_code = "26643006" if row.drug == "valganciclovir" else "47625008"  # policy.md §8
+    route_code = "26643006" if row.drug == "valganciclovir" else "47625008"  # docs/policy.md §13
     assert dosage["route"]["coding"][0]["code"] == route_code
 
 
@@ -277,7 +277,7 @@ def test_card_proposes_the_row_dose(row: DoseRow, weight: float) -> None:
     ],
 )
 def test_rounding_literal(drug: Any, mg_per_kg: float, weight: float, expected: float) -> None:
-    """policy.md §5 rounding, on hand-computed values."""
+    """docs/policy.md §6 rounding, on hand-computed values."""
     assert dosing.round_dose(drug, mg_per_kg * weight) == expected
 
 
@@ -300,7 +300,7 @@ def test_foscarnet_alternative_columns(column: str, target: float) -> None:
     ("scr_value", "scr_unit", "weight_value", "weight_unit"),
     [
         (1.0, "mg/dL", 80.0, "kg"),
-        (88.4, "umol/L", 80.0, "kg"),  # ÷ 88.4 (policy.md §2)
+        (88.4, "umol/L", 80.0, "kg"),  # ÷ 88.4 (docs/policy.md §2)
         (1.0, "mg/dL", 80000.0, "g"),
         (1.0, "mg/dL", 80.0 / 0.45359237, "[lb_av]"),
     ],

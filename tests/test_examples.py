@@ -24,7 +24,7 @@ from service.registry import SERVICES, ServiceDefinition
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 # example → the cards (rule id, indicator, summary) in order, and the suggestions' actions. Sources: the clinical
-# rules table in the README (rule precedence, policy.md §6) and the label tables in cards/dosing.py.
+# rules table in the README (rule precedence, docs/policy.md §9) and the label tables in cards/dosing.py.
 EXPECTED: dict[str, list[tuple[str, str, str, list[list[str]]]]] = {
     # 54-year-old man, 80 kg, SCr 1.0: CrCl 96 → ganciclovir label Table 1, ≥ 70 mL/min: 5 mg/kg q12h = 400 mg.
     "order-select-ganciclovir.json": [
@@ -34,6 +34,13 @@ EXPECTED: dict[str, list[tuple[str, str, str, list[list[str]]]]] = {
             "Adjust ganciclovir: 400 mg IV every 12 hours (CrCl 96 mL/min)",
             [["update"]],
         ),
+        # A kidney-transplant recipient on tacrolimus: reduce immunosuppression where possible (policy §15).
+        (
+            "reduce-immunosuppression",
+            "info",
+            "CMV on immunosuppressive therapy: consider reducing immunosuppression",
+            [],
+        ),
     ],
     # ANC 410/µL < 500 (label §5.1): ganciclovir is replaced by renally dosed foscarnet, 90 mg/kg q12h (Table 13).
     "order-select-ganciclovir-neutropenia.json": [
@@ -42,6 +49,12 @@ EXPECTED: dict[str, list[tuple[str, str, str, list[list[str]]]]] = {
             "critical",
             "Avoid ganciclovir: ANC 410 cells/µL < 500; foscarnet 5600 mg IV every 12 hours",
             [["delete", "create"]],
+        ),
+        (
+            "reduce-immunosuppression",
+            "info",
+            "CMV on immunosuppressive therapy: consider reducing immunosuppression",
+            [],
         ),
     ],
     # Oral valganciclovir in CMV pneumonitis: IV ganciclovir instead, and the two information cards (seeds).
@@ -70,7 +83,14 @@ EXPECTED: dict[str, list[tuple[str, str, str, list[list[str]]]]] = {
             "Adjust valganciclovir: 450 mg PO once daily (CrCl 33 mL/min)",
             [["update"]],
         ),
-        ("interactions", "warning", "1 interacting medication(s) with ganciclovir: monitor CBC and creatinine", []),
+        ("interactions", "warning", "1 interacting medication(s) with valganciclovir: monitor CBC and creatinine", []),
+        # On mycophenolate, an immunosuppressant (policy §15).
+        (
+            "reduce-immunosuppression",
+            "info",
+            "CMV on immunosuppressive therapy: consider reducing immunosuppression",
+            [],
+        ),
     ],
 }
 
@@ -144,6 +164,10 @@ def test_order_sign_example_over_http_on_any_day(client: FlaskClient) -> None:
     response = client.post("/cds-services/cmv-antiviral-order-sign", json=load("order-sign-valganciclovir.json"))
     assert response.status_code == 200
     cards = response.get_json()["cards"]
-    assert [card["source"]["topic"]["code"] for card in cards] == ["dose-adjust", "interactions"]
+    assert [card["source"]["topic"]["code"] for card in cards] == [
+        "dose-adjust",
+        "interactions",
+        "reduce-immunosuppression",
+    ]
     assert cards[0]["summary"].startswith("Adjust valganciclovir: 450 mg PO once daily (CrCl ")
     assert cards[0]["suggestions"][0]["label"] == "Update order: valganciclovir 450 mg PO once daily"

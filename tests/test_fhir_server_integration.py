@@ -290,7 +290,7 @@ def test_service_follows_next_links_across_pages(client: FlaskClient, fhir_serve
     resources = copy_of_fixture_patient(PAGING_PATIENT, "pg-", drop=("obs-scr", "obs-scr-old"))
     for resource in resources:
         if resource["id"] in ("pg-obs-anc", "pg-obs-plt", "pg-obs-hgb"):
-            resource["effectiveDateTime"] = counts_date  # stale, but used (policy.md §2)
+            resource["effectiveDateTime"] = counts_date  # stale, but used (docs/policy.md §2)
         if resource["id"] == "pg-obs-anc":
             resource["valueQuantity"] = {
                 "value": 400,
@@ -324,7 +324,7 @@ def test_service_follows_next_links_across_pages(client: FlaskClient, fhir_serve
 
 
 def test_two_creatinines_on_the_same_day_use_the_later_one(client: FlaskClient, fhir_server: FhirTestServer) -> None:
-    """policy.md §2: the most recent value by effectiveDateTime, which includes the time of day."""
+    """docs/policy.md §2: the most recent value by effectiveDateTime, which includes the time of day."""
     patient_id = "pat-cmv-same-day"
     yesterday = (TODAY - dt.timedelta(days=1)).isoformat()
     resources = copy_of_fixture_patient(patient_id, "sd-", drop=("obs-scr", "obs-scr-old"))

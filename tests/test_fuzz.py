@@ -9,7 +9,7 @@ Properties, for every mutated request:
 - never a wrong ganciclovir dose: a mutation that leaves the dose inputs (weight and creatinine
   Observations, the Patient, the selected draft) alone leaves any proposed ganciclovir regimen at
   400 mg q12h; a mutation that touches them may only yield a regimen computable from data present in
-  the mutated request (an independent oracle below, label Table 1 via clinical.md §1.2); and a
+  the mutated request (an independent oracle below, label Table 1 via docs/clinical-basis.md §2.2); and a
   targeted mutation of exactly those inputs yields exactly the regimen the oracle computes, or, when
   the weight/creatinine/age is unusable, no ganciclovir dose at all and a "dose not computed" card.
 
@@ -193,8 +193,8 @@ def rule_ids(body: dict[str, Any]) -> set[str]:
 # --------------------------------------------------------------------------------------------------
 # The oracle: ganciclovir regimens computable from the data in a request
 # --------------------------------------------------------------------------------------------------
-# Independent of cards/: label Table 1 (clinical.md §1.2) with the band edges of policy.md §4,
-# Cockcroft-Gault and the units of policy.md §2-§3, rounding to 5 mg (policy.md §5). Only the product's
+# Independent of cards/: label Table 1 (docs/clinical-basis.md §2.2) with the band edges of docs/policy.md §5,
+# Cockcroft-Gault and the units of docs/policy.md §2-§3, rounding to 5 mg (docs/policy.md §6). Only the product's
 # plausibility limits (not in the references) come from cards.facts.
 
 _Q12H, _Q24H, _TIW = (1, 12.0, "h"), (1, 24.0, "h"), (3, 1.0, "wk")
@@ -223,7 +223,7 @@ PLAUSIBLE_SCR_MG_DL = PLAUSIBLE["SerumCreatinine"]  # inclusive, in mg/dL
 
 
 def _ignored(status: Any) -> bool:
-    """policy.md §2, and a status that is not a string (absent, a list, a number) is not a usable one."""
+    """docs/policy.md §2, and a status that is not a string (absent, a list, a number) is not a usable one."""
     return not isinstance(status, str) or status in IGNORED_STATUSES
 
 
@@ -571,7 +571,7 @@ SCR_QUANTITIES = st.one_of(
             _q(88.4, "umol/L", "umol/L"),
             _q(88.4, "µmol/L"),
             _q(150, "μmol/L"),
-            _q(0.0884, "mmol/L", "mmol/L"),  # SI, but not a unit policy.md §2 knows: missing
+            _q(0.0884, "mmol/L", "mmol/L"),  # SI, but not a unit docs/policy.md §2 knows: missing
             _q(10, "mg/L", "mg/L"),
             _q(1.0, "MG/DL"),
             _q(1.0),

@@ -1,4 +1,4 @@
-"""Cockcroft-Gault, dosing weight, and how facts are read from FHIR (policy.md §2, §3)."""
+"""Cockcroft-Gault, dosing weight, and how facts are read from FHIR (docs/policy.md §2, §3)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ TODAY = dt.date(2026, 11, 22)
     [
         (60, 80.0, 1.0, "male", 80 * 80 / 72, "male"),  # (140−60)×80/(72×1.0) = 88.89
         (60, 80.0, 1.0, "female", 80 * 80 / 72 * 0.85, "female"),  # × 0.85
-        (60, 80.0, 1.0, "unknown", 80 * 80 / 72 * 0.85, "lower of male and female"),  # policy.md §3
+        (60, 80.0, 1.0, "unknown", 80 * 80 / 72 * 0.85, "lower of male and female"),  # docs/policy.md §4
         (60, 80.0, 1.0, "other", 80 * 80 / 72 * 0.85, "lower of male and female"),
         (40, 70.0, 2.0, "male", 100 * 70 / 144, "male"),
     ],
@@ -36,7 +36,7 @@ def test_dosing_weight_actual_by_default() -> None:
 
 
 def test_adjusted_weight_when_bmi_30_or_more() -> None:
-    """policy.md §3 option: Devine IBW 50 + 2.3 × (in − 60); AdjBW = IBW + 0.4 × (TBW − IBW)."""
+    """docs/policy.md §4 option: Devine IBW 50 + 2.3 × (in − 60); AdjBW = IBW + 0.4 × (TBW − IBW)."""
     height_cm = 177.8  # 70 in
     ibw = 50 + 2.3 * (70 - 60)  # 73 kg
     result = dosing_weight(120.0, height_cm, "male", "adjusted")  # BMI 38
@@ -116,7 +116,7 @@ def test_unknown_unit_is_unusable_not_guessed(loinc: str, unit: str) -> None:
     [("2160-0", 7, False), ("2160-0", 8, True), ("29463-7", 30, False), ("29463-7", 31, True), ("751-8", 8, True)],
 )
 def test_freshness_windows(loinc: str, days_ago: int, stale: bool) -> None:
-    """policy.md §2: creatinine 7 days, counts 7 days, weight 30 days."""
+    """docs/policy.md §2: creatinine 7 days, counts 7 days, weight 30 days."""
     unit = {"2160-0": "mg/dL", "29463-7": "kg", "751-8": "/uL"}[loinc]
     value = {"2160-0": 1.0, "29463-7": 70.0, "751-8": 2000.0}[loinc]
     facts = _facts([observation(loinc, value, unit, TODAY, days_ago=days_ago)])
@@ -252,7 +252,7 @@ def test_implausible_age_is_unknown() -> None:
 
 
 def test_latest_value_by_time_of_day_not_only_date() -> None:
-    """policy.md §2: most recent by effectiveDateTime; two results on one day → the later one, whatever
+    """docs/policy.md §2: most recent by effectiveDateTime; two results on one day → the later one, whatever
     order the server lists them in."""
     yesterday = TODAY - dt.timedelta(days=1)
     evening = observation("2160-0", 2.0, "mg/dL", TODAY, effectiveDateTime=f"{yesterday}T18:00:00Z")

@@ -108,7 +108,7 @@ def drug_text(resource: dict[str, Any]) -> str:
 
 
 def test_dose_adjusted_for_weight_and_renal_function(client: FlaskClient) -> None:
-    """54 y male, 80 kg, SCr 1.0 → CrCl 95.6 mL/min → 5 mg/kg q12h = 400 mg (clinical.md §1.2)."""
+    """54 y male, 80 kg, SCr 1.0 → CrCl 95.6 mL/min → 5 mg/kg q12h = 400 mg (docs/clinical-basis.md §2.2)."""
     cards = call(client, [gcv_draft(500)], patient_data())
     card = one(cards, "dose-adjust")
     assert card["indicator"] == "warning"
@@ -126,7 +126,7 @@ def test_dose_adjusted_for_weight_and_renal_function(client: FlaskClient) -> Non
 
 
 def test_matching_order_gets_only_the_monitoring_card(client: FlaskClient) -> None:
-    """policy.md §7: no dosing card; one info card with weekly PCR and twice-weekly CBC ServiceRequests."""
+    """docs/policy.md §12: no dosing card; one info card with weekly PCR and twice-weekly CBC ServiceRequests."""
     cards = call(client, [gcv_draft(400)], patient_data(drop=("cond-ktx", "med-tacrolimus", "med-pred")))
     assert [topic(c) for c in cards] == ["dose-confirmed-monitoring"]
     card = cards[0]
@@ -185,7 +185,7 @@ def test_unknown_creatinine_unit_is_missing_not_guessed(client: FlaskClient) -> 
 
 
 def test_stale_creatinine_is_used_flagged_and_a_repeat_proposed(client: FlaskClient) -> None:
-    """policy.md §2: SCr older than 7 days → used, the card shows its date, a repeat is suggested."""
+    """docs/policy.md §2: SCr older than 7 days → used, the card shows its date, a repeat is suggested."""
     stale = observation("obs-scr-stale", "2160-0", 1.0, "mg/dL", 9)
     cards = call(client, [gcv_draft()], patient_data(drop=("obs-scr", "obs-scr-old"), add=(stale,)))
     card = one(cards, "dose-adjust")
@@ -219,7 +219,7 @@ def test_under_18_gets_one_info_card_and_no_dose(client: FlaskClient) -> None:
 def test_oral_valganciclovir_steered_to_iv_ganciclovir(
     client: FlaskClient, extra: tuple[dict[str, Any], ...], reason: str
 ) -> None:
-    """policy.md §6: no oral valganciclovir as initial therapy → IV ganciclovir, renally dosed."""
+    """docs/policy.md §9: no oral valganciclovir as initial therapy → IV ganciclovir, renally dosed."""
     cards = call(client, [load("draft-valganciclovir.json")], patient_data(add=extra))
     card = one(cards, "valganciclovir-to-iv")
     assert card["indicator"] == "warning"
@@ -240,7 +240,7 @@ def test_oral_valganciclovir_steered_to_iv_ganciclovir(
 
 
 def test_valganciclovir_in_dialysis_goes_to_the_hemodialysis_ganciclovir_row(client: FlaskClient) -> None:
-    """clinical.md §2.2: valganciclovir not for HD; ganciclovir 1.25 mg/kg 3×/week after HD = 100 mg."""
+    """docs/clinical-basis.md §3.2: valganciclovir not for HD; ganciclovir 1.25 mg/kg 3×/week after HD = 100 mg."""
     hd = condition("cond-hd", "ESRD on hemodialysis", snomed="105502003")
     cards = call(client, [load("draft-valganciclovir.json")], patient_data(add=(hd,)))
     card = one(cards, "valganciclovir-not-recommended")
@@ -263,7 +263,7 @@ def test_myelosuppression_is_critical_and_proposes_foscarnet(client: FlaskClient
     assert "dose-adjust" not in [topic(c) for c in cards]
     assert "**Proposed instead:** foscarnet 5600 mg IV every 12 hours" in card["detail"]
     assert "**Computation**" in card["detail"]
-    assert "Hydration (label): 750–1000 mL normal saline" in card["detail"]  # clinical.md §3.3
+    assert "Hydration (label): 750–1000 mL normal saline" in card["detail"]  # docs/clinical-basis.md §4.3
 
 
 @pytest.mark.parametrize(("loinc", "value", "unit"), [("777-3", 20, "10*3/uL"), ("718-7", 7.5, "g/dL")])
@@ -321,7 +321,7 @@ def test_suspected_resistance_by_viral_load_kinetics(client: FlaskClient) -> Non
     assert "UL97" in actions(card)[2]["resource"]["code"]["text"]
     assert [a["type"] for a in actions(card, 1)] == ["create"]  # genotype testing only
     assert "**Proposed:** genotypic resistance testing and foscarnet" in card["detail"]
-    assert "Hydration (label): 750–1000 mL normal saline" in card["detail"]  # clinical.md §3.3
+    assert "Hydration (label): 750–1000 mL normal saline" in card["detail"]  # docs/clinical-basis.md §4.3
 
 
 def test_resistance_by_reported_mutation(client: FlaskClient) -> None:
@@ -402,7 +402,7 @@ def test_eligible_cidofovir_comes_with_probenecid_and_saline(client: FlaskClient
         "code": "mL",
     }
     # The draft (400 mg IV weekly) matches 5 mg/kg × 80 kg once weekly: monitoring card, with SCr + urine protein
-    # before each dose (policy.md §7).
+    # before each dose (docs/policy.md §12).
     monitoring = one(cards, "dose-confirmed-monitoring")
     codes = [[a["resource"]["code"]["coding"][0]["code"] for a in s["actions"]] for s in monitoring["suggestions"]]
     assert ["2160-0", "2888-6"] in codes

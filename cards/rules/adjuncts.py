@@ -155,7 +155,8 @@ _ANTIVIRAL_SETS = frozenset({"Ganciclovir", "Valganciclovir", "Foscarnet", "Cido
 
 def interactions(ctx: Context) -> list[Card]:
     """Interactions of (val)ganciclovir with active medications and other drafts (labels §7)."""
-    if not ctx.selected_drugs & {"ganciclovir", "valganciclovir"}:
+    selected = sorted(ctx.selected_drugs & {"ganciclovir", "valganciclovir"})
+    if not selected:
         return []
     found: list[str] = []
     seen: set[str] = set()
@@ -167,20 +168,16 @@ def interactions(ctx: Context) -> list[Card]:
             found.append(f"- **{med.name}** ({'draft order' if med.draft else med.status}, {med.source}): {effect}")
     if not found:
         return []
-    label = LABELS["ganciclovir"].section("§7 Drug Interactions")
-    detail = [
-        "**Interactions with ganciclovir/valganciclovir:**",
-        *found,
-        "",
-        source_line(label, LABELS["valganciclovir"].section("§7 Drug Interactions")),
-    ]
+    names = " and ".join(selected)
+    labels = [LABELS[drug].section("§7 Drug Interactions") for drug in selected]
+    detail = [f"**Interactions with {names}:**", *found, "", source_line(*labels)]
     seizures = any("seizures" in line for line in found)
     summary = (
-        "Imipenem-cilastatin with ganciclovir: seizure risk"
+        f"Imipenem-cilastatin with {names}: seizure risk"
         if seizures
-        else f"{len(found)} interacting medication(s) with ganciclovir: monitor CBC and creatinine"
+        else f"{len(found)} interacting medication(s) with {names}: monitor CBC and creatinine"
     )
-    return [card("interactions", summary, "warning", detail, label)]
+    return [card("interactions", summary, "warning", detail, labels[0])]
 
 
 def _info(rule_id: str, summary: str, text: str, source: Source, *cited: Source | str) -> list[Card]:
