@@ -37,6 +37,8 @@ ALLOWED_FIELDS = frozenset(
         "setting",
         "method",
         "path",
+        "extension_keys",
+        "unidentified_medications",
     }
 )
 
