@@ -12,8 +12,10 @@ from typing import Any
 from flask import Flask, Response, g, request
 from werkzeug.routing import BaseConverter
 
+from cards.profiles import shape
 from service import metrics
 from service.auth import Authenticator, build_authenticator, load_trusted_issuers
+from service.client_profiles import ClientProfiles
 from service.config import Settings
 from service.errors import NotFound, UnsupportedMediaType, json_response, operation_outcome, register_error_handlers
 from service.fhir_client import FhirAccessPolicy
@@ -50,6 +52,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         for iss, issuer in load_trusted_issuers(settings.trusted_issuers).items()
         if issuer.fhir_servers is not None
     }
+    profiles = ClientProfiles(settings)
     app.extensions["cmv_cds"] = {"settings": settings, "store": store, "authenticator": authenticator}
     register_error_handlers(app)
     if settings.preview_active:  # CMV_CDS_PREVIEW_ENABLED; otherwise /preview is a 404
@@ -153,7 +156,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             prefixes=issuer_fhir_servers.get(g.get("issuer", ""), settings.fhir_server_prefixes),
             auth_required=settings.require_auth,
         )
-        cards = run_hook(service, body, settings, access)
+        # Shaped for what the calling client can apply (cards.profiles); issued cards are recorded as answered.
+        cards = shape(run_hook(service, body, settings, access), profiles.for_issuer(g.get("issuer")))
         rendered = [card.to_json() for card in cards]
         # Written behind by a background thread (service.store): the answer does not wait for the database.
         store.record_cards_later(

@@ -42,7 +42,8 @@ import jwt
 import sqlalchemy as sa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from service.config import ConfigError, Settings
+from cards.profiles import CDS_HOOKS_2, PROFILES
+from service.config import ConfigError, Settings, parse_preference_list_items
 from service.errors import Unauthorized
 from service.jwt_replay import JtiReplayCache
 
@@ -65,7 +66,7 @@ SUPPORTED_ALGORITHMS: Mapping[str, tuple[str, str | None]] = {
     "PS512": ("RSA", None),
 }
 REQUIRED_CLAIMS = ("iss", "aud", "exp", "iat", "jti")
-ISSUER_FIELDS = frozenset({"jku", "jwks", "algorithms", "tenants", "fhirServers"})
+ISSUER_FIELDS = frozenset({"jku", "jwks", "algorithms", "tenants", "fhirServers", "profile", "preferenceListItems"})
 
 MAX_TOKEN_CHARS = 16 * 1024
 MAX_JWKS_BYTES = 256 * 1024
@@ -133,13 +134,18 @@ class TrustedIssuer:
     tenants: frozenset[str] | None
     # URL prefixes of the FHIR servers this client may send as fhirServer (None: the global allowlist).
     fhir_servers: tuple[str, ...] | None = None
+    # How the answer is shaped for this client (cards.profiles: "cds-hooks-2.0" or "epic").
+    profile: str = "cds-hooks-2.0"
+    # Epic preference-list items by medication name (None: CMV_CDS_PREFERENCE_LIST_ITEMS).
+    preference_list_items: Mapping[str, str] | None = None
 
 
 def load_trusted_issuers(raw: str) -> dict[str, TrustedIssuer]:
     """Parse ``CMV_CDS_TRUSTED_ISSUERS``: inline JSON (starts with ``{``) or a path to a JSON file.
 
-    Shape: ``{"<iss>": {"jku": [urls], "jwks": {"keys": [...]}, "algorithms": [...], "tenants": [...]}}``
-    with at least one of ``jku``/``jwks`` per issuer. Raises ``ConfigError`` on any problem. An empty
+    Shape: ``{"<iss>": {"jku": [urls], "jwks": {"keys": [...]}, "algorithms": [...], "tenants": [...],
+    "fhirServers": [...], "profile": "epic", "preferenceListItems": {...}}}`` with at least one of
+    ``jku``/``jwks`` per issuer. Raises ``ConfigError`` on any problem. An empty
     value means no trusted issuer (every call refused).
     """
     text = raw.strip()
@@ -207,7 +213,15 @@ def _issuer(source: str, iss: str, entry: Any) -> TrustedIssuer:
         fhir_servers = tuple(_string_list(where, "fhirServers", entry["fhirServers"]))
         if not all(url.startswith(("https://", "http://")) for url in fhir_servers):
             raise ConfigError(f"{where}: 'fhirServers' must be absolute http(s) URL prefixes")
-    return TrustedIssuer(iss, frozenset(jkus), static_keys, frozenset(algorithms), tenants, fhir_servers)
+    profile = entry.get("profile", CDS_HOOKS_2)
+    if profile not in PROFILES:
+        raise ConfigError(f"{where}: 'profile' must be one of {list(PROFILES)}")
+    items = None
+    if "preferenceListItems" in entry:
+        items = parse_preference_list_items(entry["preferenceListItems"], f"{where}: 'preferenceListItems'")
+    return TrustedIssuer(
+        iss, frozenset(jkus), static_keys, frozenset(algorithms), tenants, fhir_servers, profile, items
+    )
 
 
 def _string_list(where: str, name: str, value: Any, *, allow_empty: bool = False) -> list[str]:
