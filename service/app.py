@@ -18,6 +18,7 @@ from service.auth import Authenticator, build_authenticator, load_trusted_issuer
 from service.client_profiles import ClientProfiles
 from service.config import Settings
 from service.errors import NotFound, UnsupportedMediaType, json_response, operation_outcome, register_error_handlers
+from service.feedback import read_feedback
 from service.fhir_client import FhirAccessPolicy
 from service.hooks import parse_json_object, run_hook, validate_request
 from service.logs import configure_logging
@@ -178,7 +179,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         service = _service(service_id)
         body = parse_json_object(_json_body())
         validate(body, "feedback.schema.json")
-        result = store.store_feedback(service.id, body["feedback"])
+        result = store.store_feedback(service.id, read_feedback(body["feedback"]))  # Epic's form too
         log.info(
             "feedback stored",
             extra={
