@@ -10,10 +10,12 @@ asks (cds-hooks.md §1.10), in this order, and nothing reaches the network befor
 
 1. header: ``alg`` in the issuer's allowed list (default ES384, RS384; ``none`` and HS* never),
    ``kid`` present, ``typ`` if present is ``JWT``, no ``crit``/``b64`` extensions;
-2. unverified ``iss`` in the allowlist; ``jku`` (if sent) in that issuer's ``jku`` list, else the
-   issuer's static JWKS;
-3. the key by ``kid`` (JWKS per ``jku`` cached for ``CMV_CDS_JWKS_CACHE_SECONDS``; an unknown ``kid``
-   triggers at most one refetch per ``jku`` per cooldown window), of a type matching ``alg``;
+2. unverified ``iss`` in the allowlist; ``jku`` (if sent) in that issuer's ``jku`` list;
+3. the key by ``kid``: a key pinned in the issuer's static ``jwks`` first, whatever the ``jku`` header
+   says (Epic and the CDS Hooks sandbox always send one, and a deployment without outbound internet pins
+   their keys), so a pinned ``kid`` never causes a fetch; otherwise from the ``jku``'s JWKS (cached for
+   ``CMV_CDS_JWKS_CACHE_SECONDS``; an unknown ``kid`` triggers at most one refetch per ``jku`` per cooldown
+   window); of a type matching ``alg``;
 4. signature, ``aud`` == the endpoint URL (string or array), ``iss``, ``exp``/``iat``/``nbf`` with
    leeway, required ``iss aud exp iat jti``; ``iat`` not in the future; ``exp - iat`` at most
    ``CMV_CDS_JWT_MAX_LIFETIME_SECONDS``; ``tenant`` in the issuer's allowlist when it has one;
@@ -485,7 +487,9 @@ class JwtAuthenticator:
         if jku is not None:
             if not isinstance(jku, str) or jku not in issuer.jkus:
                 raise _Refused("untrusted jku", issuer.iss)
-            key = self.remote[jku].get(kid)
+            # A pinned key wins: it verifies without any network call; the jku is fetched only for a kid
+            # that is not pinned.
+            key = issuer.static_keys.get(kid) or self.remote[jku].get(kid)
         elif issuer.static_keys:
             key = issuer.static_keys.get(kid)
         else:
