@@ -40,3 +40,15 @@ def test_examples_are_valid_requests() -> None:
 
     for path in sorted((ROOT / "examples").glob("order-select-*.json")):
         validate_request(SERVICES["cmv-antiviral-order-select"], json.loads(path.read_text(encoding="utf-8")))
+
+
+def test_epic_prefetch_configuration_matches_the_templates() -> None:
+    """Epic's analysts type the prefetch in by hand from the README (Epic does not read discovery): every key
+    and query must be there exactly as the service declares it."""
+    from service.registry import prefetch_templates
+
+    section = README[README.index("### Epic") : README.index("### The CDS Hooks sandbox")]
+    block = re.search(r"```text\n(.*?)```", section, re.DOTALL)
+    assert block is not None
+    lines = [line.split(None, 1) for line in block.group(1).strip().splitlines()]
+    assert [(key, query.strip()) for key, query in lines] == [(t.key, t.query) for t in prefetch_templates()]
