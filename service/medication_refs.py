@@ -92,10 +92,12 @@ def medication_concept(medication: Mapping[str, Any]) -> dict[str, Any] | None:
         return dict(code)
     codings: list[Any] = []
     texts: list[str] = []
-    for ingredient in medication.get("ingredient") or []:
+    ingredients = medication.get("ingredient")
+    for ingredient in ingredients if isinstance(ingredients, list) else ():
         item = ingredient.get("itemCodeableConcept") if isinstance(ingredient, dict) else None
         if isinstance(item, dict):
-            codings += [c for c in item.get("coding") or [] if isinstance(c, dict)]
+            found = item.get("coding")
+            codings += [c for c in found if isinstance(c, dict)] if isinstance(found, list) else []
             if isinstance(item.get("text"), str):
                 texts.append(item["text"])
     if not codings and not texts:
@@ -115,7 +117,8 @@ def _with_concept(order: Mapping[str, Any], concept: dict[str, Any], display: st
 
 
 def _contained(order: Mapping[str, Any], contained_id: str) -> Mapping[str, Any] | None:
-    for resource in order.get("contained") or []:
+    contained = order.get("contained")
+    for resource in contained if isinstance(contained, list) else ():
         if (
             isinstance(resource, dict)
             and resource.get("resourceType") == "Medication"

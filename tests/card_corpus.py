@@ -12,39 +12,9 @@ import datetime as dt
 from collections.abc import Callable
 from typing import Any
 
-from fhir_fixtures import condition, day, load, observation, order_select, patient_resources, prefetch_for
-
-
-def _patient(
-    drop: tuple[str, ...] = (), add: tuple[dict[str, Any], ...] = (), **patient_fields: Any
-) -> list[dict[str, Any]]:
-    resources = [r for r in patient_resources() if r["id"] not in drop]
-    for resource in resources:
-        if resource["resourceType"] == "Patient":
-            resource.update(patient_fields)
-    return [*resources, *add]
-
-
-def _med(mid: str, text: str, started_days_ago: int, route: str | None = None) -> dict[str, Any]:
-    dosage: dict[str, Any] = {"timing": {"repeat": {"boundsPeriod": {"start": day(started_days_ago)}}}}
-    if route:
-        dosage["route"] = {"text": route}
-    return {
-        "resourceType": "MedicationRequest",
-        "id": mid,
-        "status": "active",
-        "intent": "order",
-        "medicationCodeableConcept": {"text": text},
-        "subject": {"reference": "Patient/pat-cmv-1"},
-        "authoredOn": day(started_days_ago),
-        "dosageInstruction": [dosage],
-    }
-
-
-def _gcv(dose: float = 500) -> dict[str, Any]:
-    order: dict[str, Any] = load("draft-ganciclovir.json")
-    order["dosageInstruction"][0]["doseAndRate"][0]["doseQuantity"]["value"] = dose
-    return order
+from fhir_fixtures import condition, load, observation, order_select, patient_data, prefetch_for
+from fhir_fixtures import ganciclovir_draft as _gcv
+from fhir_fixtures import medication_order as _med
 
 
 def _request(drafts: list[dict[str, Any]], resources: list[dict[str, Any]], **kw: Any) -> dict[str, Any]:
@@ -54,7 +24,7 @@ def _request(drafts: list[dict[str, Any]], resources: list[dict[str, Any]], **kw
 def _pediatric() -> dict[str, Any]:
     today = dt.date.today()
     birth = (today - dt.timedelta(days=30)).replace(year=today.year - 15).isoformat()
-    return _request([_gcv()], _patient(birthDate=birth))
+    return _request([_gcv()], patient_data(birthDate=birth))
 
 
 def _cidofovir(**change: Any) -> dict[str, Any]:
@@ -62,52 +32,52 @@ def _cidofovir(**change: Any) -> dict[str, Any]:
         observation("obs-scr-c", "2160-0", change.get("scr", 1.0), "mg/dL", 0),
         observation("obs-up", "2888-6", 20, "mg/dL", 0),
     ]
-    return _request([load("draft-cidofovir.json")], _patient(drop=("obs-scr",), add=tuple(extra)))
+    return _request([load("draft-cidofovir.json")], patient_data(drop=("obs-scr",), add=tuple(extra)))
 
 
 SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
-    "dose-adjust": lambda: _request([_gcv(500)], _patient()),
-    "dose-confirmed": lambda: _request([_gcv(400)], _patient()),
-    "missing-weight": lambda: _request([_gcv()], _patient(drop=("obs-weight",))),
-    "missing-creatinine": lambda: _request([_gcv()], _patient(drop=("obs-scr", "obs-scr-old"))),
+    "dose-adjust": lambda: _request([_gcv(500)], patient_data()),
+    "dose-confirmed": lambda: _request([_gcv(400)], patient_data()),
+    "missing-weight": lambda: _request([_gcv()], patient_data(drop=("obs-weight",))),
+    "missing-creatinine": lambda: _request([_gcv()], patient_data(drop=("obs-scr", "obs-scr-old"))),
     "stale-creatinine": lambda: _request(
         [_gcv()],
-        _patient(drop=("obs-scr", "obs-scr-old"), add=(observation("obs-scr-stale", "2160-0", 1.0, "mg/dL", 9),)),
+        patient_data(drop=("obs-scr", "obs-scr-old"), add=(observation("obs-scr-stale", "2160-0", 1.0, "mg/dL", 9),)),
     ),
     "pediatric": _pediatric,
     "valganciclovir-pneumonitis": lambda: _request(
-        [load("draft-valganciclovir.json")], _patient(add=(condition("cond-pneu", "CMV pneumonitis"),))
+        [load("draft-valganciclovir.json")], patient_data(add=(condition("cond-pneu", "CMV pneumonitis"),))
     ),
     "valganciclovir-dialysis": lambda: _request(
         [load("draft-valganciclovir.json")],
-        _patient(add=(condition("cond-hd", "ESRD on hemodialysis", snomed="105502003"),)),
+        patient_data(add=(condition("cond-hd", "ESRD on hemodialysis", snomed="105502003"),)),
     ),
     "myelosuppression": lambda: _request(
-        [_gcv()], _patient(drop=("obs-anc",), add=(observation("obs-anc-low", "751-8", 400, "/uL", 0),))
+        [_gcv()], patient_data(drop=("obs-anc",), add=(observation("obs-anc-low", "751-8", 400, "/uL", 0),))
     ),
-    "cns-ganciclovir": lambda: _request([_gcv()], _patient(add=(condition("cond-cns", "CMV encephalitis"),))),
+    "cns-ganciclovir": lambda: _request([_gcv()], patient_data(add=(condition("cond-cns", "CMV encephalitis"),))),
     "cns-valganciclovir": lambda: _request(
-        [load("draft-valganciclovir.json")], _patient(add=(condition("cond-cns", "CMV encephalitis"),))
+        [load("draft-valganciclovir.json")], patient_data(add=(condition("cond-cns", "CMV encephalitis"),))
     ),
     "resistance": lambda: _request(
         [_gcv()],
-        _patient(
+        patient_data(
             add=(
                 _med("med-gcv", "ganciclovir 400 mg IV q12h", 20, route="IV"),
                 observation("obs-vl-0", "72493-0", 5000, "[IU]/mL", 21),
             )
         ),
     ),
-    "foscarnet-dose": lambda: _request([load("draft-foscarnet.json")], _patient()),
+    "foscarnet-dose": lambda: _request([load("draft-foscarnet.json")], patient_data()),
     "foscarnet-not-recommended": lambda: _request(
         [load("draft-foscarnet.json")],
-        _patient(drop=("obs-scr",), add=(observation("obs-scr-high", "2160-0", 3.2, "mg/dL", 0),)),
+        patient_data(drop=("obs-scr",), add=(observation("obs-scr-high", "2160-0", 3.2, "mg/dL", 0),)),
     ),
     "cidofovir-eligible": _cidofovir,
     "cidofovir-contraindicated": lambda: _cidofovir(scr=1.6),
     "step-down": lambda: _request(
         [_gcv(400)],
-        _patient(
+        patient_data(
             drop=("obs-vl-2",),
             add=(
                 _med("med-gcv", "ganciclovir IV", 5, route="IV"),
@@ -117,15 +87,15 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     ),
     "pregnancy": lambda: _request(
         [_gcv()],
-        _patient(
+        patient_data(
             add=(observation("obs-hcg", "2106-3", None, "", 3, valueCodeableConcept={"text": "Positive"}),),
             gender="female",
         ),
     ),
-    "interactions": lambda: _request([_gcv()], _patient(add=(_med("med-x", "imipenem-cilastatin 500 mg IV", 2),))),
+    "interactions": lambda: _request([_gcv()], patient_data(add=(_med("med-x", "imipenem-cilastatin 500 mg IV", 2),))),
     "adjunctive": lambda: _request(
         [_gcv()],
-        _patient(
+        patient_data(
             add=(
                 condition("cond-pneu", "CMV pneumonitis", severe=True),
                 condition("cond-ret", "CMV retinitis"),

@@ -13,8 +13,18 @@ from typing import Any
 
 import pytest
 import responses
-from fhir_fixtures import PATIENT_ID, load, order_select, patient_resources, prefetch_for
+from fhir_fixtures import (
+    PATIENT_ID,
+    by_reference,
+    load,
+    medication_order,
+    order_select,
+    patient_resources,
+    prefetch_for,
+)
+from fhir_fixtures import ganciclovir_draft as gcv_draft
 from flask.testing import FlaskClient
+from test_fhir_server_integration import fhir_authorization
 
 from service import medication_refs
 from service.draft_orders import EPIC_ORDERED_DOSE, normalise_medication_request, reference_parts
@@ -35,20 +45,6 @@ def mg(value: float) -> dict[str, Any]:
     return {"value": value, "unit": "mg", "system": UCUM, "code": "mg"}
 
 
-def gcv_draft(dose: float = 500) -> dict[str, Any]:
-    draft: dict[str, Any] = load("draft-ganciclovir.json")
-    draft["dosageInstruction"][0]["doseAndRate"][0]["doseQuantity"]["value"] = dose
-    return draft
-
-
-def by_reference(draft: dict[str, Any], reference: str, display: str | None = None) -> dict[str, Any]:
-    """The draft ordering its medication by ``reference`` instead of a concept."""
-    changed = copy.deepcopy(draft)
-    del changed["medicationCodeableConcept"]
-    changed["medicationReference"] = {"reference": reference} | ({"display": display} if display else {})
-    return changed
-
-
 def medication(ident: str, concept: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"resourceType": "Medication", "id": ident, "code": concept or GANCICLOVIR}
 
@@ -63,14 +59,7 @@ def request(
     body = order_select(drafts, prefetch=prefetch_for(resources or patient_resources()))
     body["context"]["draftOrders"]["entry"] += [{"resource": r} for r in extra_entries]
     if with_server:
-        body["fhirServer"] = FHIR
-        body["fhirAuthorization"] = {
-            "access_token": "token-1",
-            "token_type": "Bearer",
-            "expires_in": 300,
-            "scope": "Medication.Read",
-            "subject": "cmv-cds",
-        }
+        body |= {"fhirServer": FHIR, "fhirAuthorization": fhir_authorization("token-1")}
     return body
 
 
@@ -379,15 +368,8 @@ def test_reads_of_several_selected_medications_each_happen_once(
 
 
 def mycophenolate_order(reference: str) -> dict[str, Any]:
-    return {
-        "resourceType": "MedicationRequest",
-        "id": "med-mmf",
-        "status": "active",
-        "intent": "order",
-        "medicationReference": {"reference": reference},
-        "subject": {"reference": f"Patient/{PATIENT_ID}"},
-        "authoredOn": "2020-01-01",
-    }
+    """An active order of the fixture patient whose medication is only a reference."""
+    return by_reference(medication_order("med-mmf", "(named by reference)", 400), reference)
 
 
 MYCOPHENOLATE = {"text": "mycophenolate mofetil 500 mg tablet"}
@@ -436,6 +418,39 @@ def test_context_reads_are_capped_and_the_losses_counted(
     assert len(rsps.calls) == 2
     (record,) = [r for r in caplog.records if r.getMessage() == "medications not identified"]
     assert record.unidentified_medications == 2  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        {"medicationReference": "Medication/m1"},
+        {"medicationReference": {"reference": 7, "display": ["x"]}},
+        {"medicationReference": {"reference": "#m1"}, "contained": 5},
+        {
+            "medicationReference": {"reference": "#m1"},
+            "contained": [{"resourceType": "Medication", "id": "m1", "ingredient": 3}],
+        },
+        {"medicationReference": {"reference": "Medication/.."}},
+        {
+            "medicationReference": {"reference": "Medication/m1"},
+            "dosageInstruction": [{"doseQuantity": "x", "extension": 4}],
+        },
+        {"medicationReference": {"reference": "Medication/m1"}, "dosageInstruction": {"doseAndRate": 1}},
+        {"medicationReference": {"reference": "Medication/m1"}, "category": {"text": "x"}, "dosageInstruction": [None]},
+    ],
+)
+def test_malformed_context_medications_never_sink_the_call(
+    client: FlaskClient, rsps: responses.RequestsMock, junk: dict[str, Any]
+) -> None:
+    rsps.get(f"{FHIR}/Medication/m1", json={"resourceType": "Medication", "id": "m1", "code": {"coding": "junk"}})
+    other = load("draft-amoxicillin.json") | {"id": "draft-other"}
+    del other["medicationCodeableConcept"]
+    prefetched = mycophenolate_order("Medication/x") | junk
+    body = request([gcv_draft(), other | junk], resources=[*patient_resources(), prefetched], with_server=True)
+    body["context"]["selections"] = ["MedicationRequest/draft-gcv"]
+    status, payload = post(client, body)
+    assert status == 200, payload
+    assert topics(payload) == ["dose-adjust"]
 
 
 def test_other_draft_by_reference_is_identified_from_its_entry(client: FlaskClient) -> None:

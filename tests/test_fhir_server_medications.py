@@ -8,20 +8,14 @@ so the server returns that Medication in the same search and no further read is 
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
-
 import pytest
-from fhir_fixtures import order_select, patient_resources
+from fhir_fixtures import by_reference, medication_order, order_select
 from fhir_server_fixture import FhirTestServer
 from fhir_server_fixture import fhir_server as fhir_server  # the module-scoped fixture
-from flask import Flask
 from flask.testing import FlaskClient
-from test_fhir_server_integration import fhir_authorization, gcv_draft
+from test_fhir_server_integration import app as app  # the fixture: auth off, generous FHIR timeouts
+from test_fhir_server_integration import copy_of_fixture_patient, fhir_authorization, gcv_draft
 
-from service.app import create_app
 from service.registry import prefetch_templates
 
 pytestmark = pytest.mark.fhirserver
@@ -40,39 +34,12 @@ MYCOPHENOLATE = {
 }
 
 
-@pytest.fixture
-def app(tmp_path: Path) -> Iterator[Flask]:
-    application = create_app(
-        {
-            "require_auth": False,
-            "database_url": f"sqlite:///{tmp_path / 'feedback.sqlite3'}",
-            "fhir_timeout_seconds": 20,
-            "fhir_deadline_seconds": 40,
-        }
-    )
-    yield application
-    application.extensions["cmv_cds"]["store"].dispose()
-
-
 def seed(server: FhirTestServer) -> None:
-    resources: list[dict[str, Any]] = []
-    for resource in patient_resources():
-        copied = copy.deepcopy(resource)
-        if copied["resourceType"] == "Patient":
-            copied["id"] = PATIENT
-        else:
-            copied["id"] = f"mr-{copied['id']}"
-            copied["subject"] = {"reference": f"Patient/{PATIENT}"}
-        resources.append(copied)
-    mycophenolate_order = {
-        "resourceType": "MedicationRequest",
-        "id": "mr-mycophenolate",
-        "status": "active",
-        "intent": "order",
-        "medicationReference": {"reference": "Medication/med-mycophenolate"},
-        "subject": {"reference": f"Patient/{PATIENT}"},
-        "authoredOn": "2025-01-01",
-    }
+    resources = copy_of_fixture_patient(PATIENT, "mr-")
+    mycophenolate_order = by_reference(
+        medication_order("mr-mycophenolate", "(named by reference)", 400), "Medication/med-mycophenolate"
+    )
+    mycophenolate_order["subject"] = {"reference": f"Patient/{PATIENT}"}
     server.put_all([*resources, GANCICLOVIR, MYCOPHENOLATE, mycophenolate_order])
 
 
