@@ -176,6 +176,8 @@ def _summary_with(summary: str, words: str) -> str:
     if dose in summary.replace(",", ""):  # the rules write 4,900 mg
         return summary
     addition = f" (selected order: {words})"
+    if len(addition) > 90:  # several dosage lines: the dose alone, the detail has the rest
+        addition = f" (selected order: {dose} …)"
     if len(summary) + len(addition) < 140:
         return summary + addition
     return summary[: 139 - len(addition) - 1].rstrip() + "…" + addition

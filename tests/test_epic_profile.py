@@ -30,6 +30,7 @@ from cards.profiles import (
     PREFERENCE_LIST_SYSTEM,
     RXNORM_OID,
     epic_topic_code,
+    regimen_words,
 )
 from service.validation import is_valid
 
@@ -269,3 +270,48 @@ def test_nothing_offered_by_the_rules_is_lost(answers: dict[str, Answers], case:
         assert len(created_ids) == len(set(created_ids))
         assert epic.get("overrideReasons") == default.get("overrideReasons")
         assert all(s["uuid"] for s in epic.get("suggestions", []))
+
+
+# --- the words the epic profile writes ----------------------------------------------------------------------
+
+
+def _proposal(repeat: dict[str, Any], route: str = "47625008") -> dict[str, Any]:
+    return {
+        "resourceType": "MedicationRequest",
+        "dosageInstruction": [
+            {
+                "timing": {"repeat": repeat},
+                "route": {"coding": [{"system": "http://snomed.info/sct", "code": route}]},
+                "doseAndRate": [{"doseQuantity": {"value": 400, "unit": "mg"}}],
+            }
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    ("repeat", "words"),
+    [
+        ({"frequency": 1, "period": 12, "periodUnit": "h"}, "400 mg IV every 12 hours"),
+        ({"frequency": 1, "period": 24, "periodUnit": "h"}, "400 mg IV every 24 hours"),
+        ({"frequency": 1, "period": 1, "periodUnit": "d"}, "400 mg IV once daily"),
+        ({"frequency": 2, "period": 1, "periodUnit": "d"}, "400 mg IV twice daily"),
+        ({"frequency": 3, "period": 1, "periodUnit": "wk"}, "400 mg IV 3 times weekly"),
+        ({"frequency": 1, "period": 2, "periodUnit": "wk"}, "400 mg IV every 2 weeks"),
+        ({"frequency": 2, "frequencyMax": 3, "period": 1, "periodUnit": "wk"}, "400 mg IV 2–3 times weekly"),
+        (
+            {"frequency": 1, "period": 12, "periodUnit": "h", "boundsDuration": {"value": 21, "unit": "days"}},
+            "400 mg IV every 12 hours for 21 days",
+        ),
+        ({"frequency": 1, "period": 1, "periodUnit": "wk", "count": 2}, "400 mg IV once weekly (2 doses)"),
+    ],
+)
+def test_regimen_words(repeat: dict[str, Any], words: str) -> None:
+    """What the clinician reads in place of an update or a create's dose (policy §8 timing, in words)."""
+    assert regimen_words(_proposal(repeat)) == words
+
+
+def test_oral_route_in_words() -> None:
+    assert (
+        regimen_words(_proposal({"frequency": 2, "period": 1, "periodUnit": "d"}, "26643006"))
+        == "400 mg PO twice daily"
+    )
