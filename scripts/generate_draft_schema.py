@@ -41,6 +41,10 @@ Deliberate deviations from the raw schema:
 10. ``contained`` entries are checked by draft-07 ``if``/``then`` on resourceType rather than the raw
     ``oneOf``, so an error inside a contained resource has its exact path (``contained[0].status``), and
     finding it costs microseconds rather than evaluating all 146 branches.
+11. ``id`` takes up to 255 characters (``MAX_ID_CHARS``) where R4 says 64: Epic's draft MedicationRequest ids
+    run to about 190 (fhir.epic.com, CDS Hooks Tutorial, "Medication References"), and refusing them would
+    refuse every order Epic sends. 255 is the cap of fhir.resources' R4B models, the tests' independent
+    check. The characters stay R4's.
 """
 
 from __future__ import annotations
@@ -74,6 +78,9 @@ INTEGER_TYPES: Final[dict[str, Json]] = {
     "unsignedInt": {"type": "integer", "minimum": 0, "maximum": 2147483647},
 }
 DATE_TYPES: Final = ("date", "dateTime", "instant")
+# Deviation 11: the longest id accepted (Epic's opaque ids; the service's context ids have the same cap).
+MAX_ID_CHARS: Final = 255
+ID_PATTERN: Final = f"^[A-Za-z0-9\\-\\.]{{1,{MAX_ID_CHARS}}}$"
 # Not HL7 R4 elements: Medplum added them to the schema and to some StructureDefinitions, so they are removed
 # by name (the StructureDefinition comparison alone would keep them).
 MEDPLUM_PROPERTIES: Final[dict[str, tuple[str, ...]]] = {
@@ -252,6 +259,8 @@ def _tighten_primitive(defs: dict[str, Json], name: str) -> None:
         definition.pop("pattern", None)
     elif name in DATE_TYPES:
         definition["format"] = "fhir-date"
+    elif name == "id":
+        definition["pattern"] = ID_PATTERN
 
 
 class _Tightener:

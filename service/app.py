@@ -13,8 +13,10 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.routing import BaseConverter
 
 from cards.model import new_uuid
+from cards.profiles import shape
 from service import metrics
 from service.auth import Authenticator, NoTrustedIssuers, build_authenticator, load_trusted_issuers
+from service.client_profiles import ClientProfiles
 from service.config import Settings
 from service.errors import (
     NotFound,
@@ -24,6 +26,7 @@ from service.errors import (
     operation_outcome,
     register_error_handlers,
 )
+from service.feedback import read_feedback
 from service.fhir_client import FhirAccessPolicy
 from service.hooks import parse_json_object, run_hook, validate_request
 from service.logs import configure_logging, log_request
@@ -58,6 +61,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         for iss, issuer in load_trusted_issuers(settings.trusted_issuers).items()
         if issuer.fhir_servers is not None
     }
+    profiles = ClientProfiles(settings)
     app.extensions["cmv_cds"] = {"settings": settings, "store": store, "authenticator": authenticator}
     register_error_handlers(app)
     if settings.preview_active:  # CMV_CDS_PREVIEW_ENABLED; otherwise /preview is a 404
@@ -195,7 +199,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             prefixes=issuer_fhir_servers.get(g.get("issuer", ""), settings.fhir_server_prefixes),
             auth_required=settings.require_auth,
         )
-        cards = run_hook(service, body, settings, access)
+        # Shaped for what the calling client can apply (cards.profiles); issued cards are recorded as answered.
+        cards = shape(run_hook(service, body, settings, access), profiles.for_issuer(g.get("issuer")))
         rendered = [card.to_json() for card in cards]
         # Written behind by a background thread (service.store): the answer does not wait for the database.
         store.record_cards_later(
@@ -216,7 +221,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         service = _service(service_id)
         body = parse_json_object(_json_body())
         validate(body, "feedback.schema.json")
-        result = store.store_feedback(service.id, body["feedback"])
+        result = store.store_feedback(service.id, read_feedback(body["feedback"]))  # Epic's form too
         log.info(
             "feedback stored",
             extra={

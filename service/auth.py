@@ -10,10 +10,12 @@ asks (cds-hooks.md §1.10), in this order, and nothing reaches the network befor
 
 1. header: ``alg`` in the issuer's allowed list (default ES384, RS384; ``none`` and HS* never),
    ``kid`` present, ``typ`` if present is ``JWT``, no ``crit``/``b64`` extensions;
-2. unverified ``iss`` in the allowlist; ``jku`` (if sent) in that issuer's ``jku`` list, else the
-   issuer's static JWKS;
-3. the key by ``kid`` (JWKS per ``jku`` cached for ``CMV_CDS_JWKS_CACHE_SECONDS``; an unknown ``kid``
-   triggers at most one refetch per ``jku`` per cooldown window), of a type matching ``alg``;
+2. unverified ``iss`` in the allowlist; ``jku`` (if sent) in that issuer's ``jku`` list;
+3. the key by ``kid``: a key pinned in the issuer's static ``jwks`` first, whatever the ``jku`` header
+   says (Epic and the CDS Hooks sandbox always send one, and a deployment without outbound internet pins
+   their keys), so a pinned ``kid`` never causes a fetch; otherwise from the ``jku``'s JWKS (cached for
+   ``CMV_CDS_JWKS_CACHE_SECONDS``; an unknown ``kid`` triggers at most one refetch per ``jku`` per cooldown
+   window); of a type matching ``alg``;
 4. signature, ``aud`` == the endpoint URL (string or array), ``iss``, ``exp``/``iat``/``nbf`` with
    leeway, required ``iss aud exp iat jti``; ``iat`` not in the future; ``exp - iat`` at most
    ``CMV_CDS_JWT_MAX_LIFETIME_SECONDS``; ``tenant`` in the issuer's allowlist when it has one;
@@ -42,7 +44,8 @@ import jwt
 import sqlalchemy as sa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from service.config import ConfigError, Settings
+from cards.profiles import CDS_HOOKS_2, PROFILES
+from service.config import ConfigError, Settings, parse_preference_list_items
 from service.errors import Unauthorized
 from service.jwt_replay import JtiReplayCache
 
@@ -65,7 +68,7 @@ SUPPORTED_ALGORITHMS: Mapping[str, tuple[str, str | None]] = {
     "PS512": ("RSA", None),
 }
 REQUIRED_CLAIMS = ("iss", "aud", "exp", "iat", "jti")
-ISSUER_FIELDS = frozenset({"jku", "jwks", "algorithms", "tenants", "fhirServers"})
+ISSUER_FIELDS = frozenset({"jku", "jwks", "algorithms", "tenants", "fhirServers", "profile", "preferenceListItems"})
 
 MAX_TOKEN_CHARS = 16 * 1024
 MAX_JWKS_BYTES = 256 * 1024
@@ -139,13 +142,18 @@ class TrustedIssuer:
     tenants: frozenset[str] | None
     # URL prefixes of the FHIR servers this client may send as fhirServer (None: the global allowlist).
     fhir_servers: tuple[str, ...] | None = None
+    # How the answer is shaped for this client (cards.profiles: "cds-hooks-2.0" or "epic").
+    profile: str = "cds-hooks-2.0"
+    # Epic preference-list items by medication name (None: CMV_CDS_PREFERENCE_LIST_ITEMS).
+    preference_list_items: Mapping[str, str] | None = None
 
 
 def load_trusted_issuers(raw: str) -> dict[str, TrustedIssuer]:
     """Parse ``CMV_CDS_TRUSTED_ISSUERS``: inline JSON (starts with ``{``) or a path to a JSON file.
 
-    Shape: ``{"<iss>": {"jku": [urls], "jwks": {"keys": [...]}, "algorithms": [...], "tenants": [...]}}``
-    with at least one of ``jku``/``jwks`` per issuer. Raises ``ConfigError`` on any problem. An empty
+    Shape: ``{"<iss>": {"jku": [urls], "jwks": {"keys": [...]}, "algorithms": [...], "tenants": [...],
+    "fhirServers": [...], "profile": "epic", "preferenceListItems": {...}}}`` with at least one of
+    ``jku``/``jwks`` per issuer. Raises ``ConfigError`` on any problem. An empty
     value means no trusted issuer (every call refused).
     """
     text = raw.strip()
@@ -213,7 +221,15 @@ def _issuer(source: str, iss: str, entry: Any) -> TrustedIssuer:
         fhir_servers = tuple(_string_list(where, "fhirServers", entry["fhirServers"]))
         if not all(url.startswith(("https://", "http://")) for url in fhir_servers):
             raise ConfigError(f"{where}: 'fhirServers' must be absolute http(s) URL prefixes")
-    return TrustedIssuer(iss, frozenset(jkus), static_keys, frozenset(algorithms), tenants, fhir_servers)
+    profile = entry.get("profile", CDS_HOOKS_2)
+    if profile not in PROFILES:
+        raise ConfigError(f"{where}: 'profile' must be one of {list(PROFILES)}")
+    items = None
+    if "preferenceListItems" in entry:
+        items = parse_preference_list_items(entry["preferenceListItems"], f"{where}: 'preferenceListItems'")
+    return TrustedIssuer(
+        iss, frozenset(jkus), static_keys, frozenset(algorithms), tenants, fhir_servers, profile, items
+    )
 
 
 def _string_list(where: str, name: str, value: Any, *, allow_empty: bool = False) -> list[str]:
@@ -477,7 +493,9 @@ class JwtAuthenticator:
         if jku is not None:
             if not isinstance(jku, str) or jku not in issuer.jkus:
                 raise _Refused("untrusted jku", issuer.iss)
-            key = self.remote[jku].get(kid)
+            # A pinned key wins: it verifies without any network call; the jku is fetched only for a kid
+            # that is not pinned.
+            key = issuer.static_keys.get(kid) or self.remote[jku].get(kid)
         elif issuer.static_keys:
             key = issuer.static_keys.get(kid)
         else:

@@ -8,6 +8,7 @@ environment variable name (``CMV_CDS_REQUIRE_AUTH``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -70,6 +71,14 @@ class Settings:
     # service ids, route templates, statuses, rule ids, indicators and prefetch keys only), but traffic,
     # error rates and clinical rule frequencies are operational data to keep from anonymous callers.
     metrics_public: bool = False
+    # Client profile (cards/profiles.py) for calls without a verified issuer, i.e. with authentication off: the
+    # answer shaped for what the client can apply. "cds-hooks-2.0" (the default) or "epic". With
+    # authentication on, each trusted issuer's own "profile" decides (default "cds-hooks-2.0").
+    client_profile: str = "cds-hooks-2.0"
+    # Epic preference-list items of the institution (profile epic): a JSON object mapping the name of a
+    # medication the service proposes (e.g. "foscarnet") to the item's code. A trusted issuer's own
+    # "preferenceListItems" replaces it. Empty: creates are coded in RxNorm.
+    preference_list_items: str = ""
     # Card preview for integrators (GET /preview, service/preview.py): a page that runs a pasted or example
     # request against this service and shows the cards as an EHR would. None (unset): on only when
     # require_auth is false; true/false override. With auth on, the page asks for a token for its hook call.
@@ -131,11 +140,33 @@ class Settings:
             raise ConfigError("CMV_CDS_JWT_MAX_LIFETIME_SECONDS must be between 1 and 86400")
         if not 1 <= self.jwks_cache_seconds <= 86400:
             raise ConfigError("CMV_CDS_JWKS_CACHE_SECONDS must be between 1 and 86400")
+        from cards.profiles import PROFILES
+
+        if self.client_profile not in PROFILES:
+            raise ConfigError(f"CMV_CDS_CLIENT_PROFILE must be one of: {', '.join(PROFILES)}")
+        parse_preference_list_items(self.preference_list_items, "CMV_CDS_PREFERENCE_LIST_ITEMS")
         if self.trusted_issuers:
             # Imported here: service.auth imports this module. Parsing raises ConfigError at start-up.
             from service.auth import load_trusted_issuers
 
             load_trusted_issuers(self.trusted_issuers)
+
+
+def parse_preference_list_items(raw: Any, where: str) -> dict[str, str]:
+    """An Epic preference-list map (JSON text, or an already parsed object): medication name → item code.
+    Names are matched case-insensitively; ``ConfigError`` for anything but an object of non-empty strings."""
+    if isinstance(raw, str):
+        if not raw.strip():
+            return {}
+        try:
+            raw = json.loads(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{where} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict) or not all(
+        isinstance(name, str) and name.strip() and isinstance(code, str) and code.strip() for name, code in raw.items()
+    ):
+        raise ConfigError(f"{where} must be a JSON object mapping medication names to preference-list item codes")
+    return {name.strip().lower(): code.strip() for name, code in raw.items()}
 
 
 _TRUE = {"1", "true", "yes", "on"}

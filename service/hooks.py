@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,11 +18,19 @@ from service.config import Settings
 from service.draft_orders import split_draft_orders
 from service.errors import InvalidRequest
 from service.fhir_client import FhirAccessPolicy
+from service.medication_refs import MedicationResolver
 from service.registry import ServiceDefinition
 from service.validation import validate
 
 # orjson refuses documents nested deeper than this (its recursion limit; no CDS Hooks request comes close).
 MAX_JSON_DEPTH = 1024
+
+log = logging.getLogger("cmv_cds.hooks")
+
+# The top-level ``extension`` object (CDS Hooks 2.0.1 "Extensions"; Epic sends its version, trigger and
+# criteria record there) is kept and logged by key only: its values are the client's and may identify people.
+_EXTENSION_KEY = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_MAX_LOGGED_EXTENSION_KEYS = 20
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -74,20 +84,33 @@ def _run_hook(
     today: dt.date | None,
 ) -> list[Card]:
     context = body["context"]
+    _log_extension(body)
     drafts = split_draft_orders(context, all_selected=service.checks_all_draft_orders)
-    if not selects_cmv_antiviral(drafts.selected):
+    medications = MedicationResolver(
+        body, lambda: prefetch.fhir_server_or_reason(body, settings, access), settings.fhir_max_workers
+    )
+    selected = medications.selected(drafts.selected, drafts.selected_paths)
+    if not selects_cmv_antiviral(selected):
         return []
     data = prefetch.resolve(list(service.prefetch), body, settings, access)
-    resources = tuple(resource for key in sorted(data) for resource in data[key])
+    fetched = [resource for key in sorted(data) for resource in data[key]]
+    context_data = medications.context([*drafts.others, *fetched])
     request = HookRequest(
         hook=service.hook,
         patient_id=context["patientId"],
         today=today or dt.date.today(),
-        selected_orders=drafts.selected,
-        other_draft_orders=drafts.others,
-        resources=resources,
+        selected_orders=selected,
+        other_draft_orders=tuple(context_data[: len(drafts.others)]),
+        resources=tuple(context_data[len(drafts.others) :]),
     )
     options = ClinicalOptions(
         dosing_weight=settings.dosing_weight, high_viral_load_iu_ml=settings.high_viral_load_iu_ml
     )
-    return evaluate(request, options)
+    return medications.keep_client_medication(evaluate(request, options))
+
+
+def _log_extension(body: Mapping[str, Any]) -> None:
+    extension = body.get("extension")
+    if isinstance(extension, dict) and extension:
+        keys = sorted(key for key in extension if _EXTENSION_KEY.fullmatch(key))[:_MAX_LOGGED_EXTENSION_KEYS]
+        log.info("request extension", extra={"extension_keys": keys})

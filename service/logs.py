@@ -38,6 +38,8 @@ ALLOWED_FIELDS = frozenset(
         "setting",
         "method",
         "path",
+        "extension_keys",
+        "unidentified_medications",
     }
 )
 

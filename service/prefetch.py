@@ -180,3 +180,12 @@ def _server_for(body: Mapping[str, Any], settings: Settings, keys: list[str], ac
         max_pages=settings.fhir_max_pages,
         deadline=time.monotonic() + settings.fhir_deadline_seconds,
     )
+
+
+def fhir_server_or_reason(body: Mapping[str, Any], settings: Settings, access: FhirAccessPolicy) -> FhirServer | str:
+    """The request's fhirServer for reads outside the prefetch templates (Medication reads,
+    ``service.medication_refs``), or why it may not be contacted; never raises."""
+    try:
+        return _server_for(body, settings, ["medication"], access)
+    except PreconditionFailed as refused:
+        return "no fhirServer to read it from" if refused.expression == "prefetch" else refused.message

@@ -57,10 +57,13 @@ def prefetch_templates() -> tuple[PrefetchTemplate, ...]:
         # so the search cannot be narrowed by code.
         PrefetchTemplate("conditions", f"Condition?patient={PATIENT}&clinical-status=active,recurrence,relapse"),
         # Active anti-CMV therapy and its start, interacting drugs, and nephrotoxic drugs stopped within the
-        # last 7 days (cidofovir, docs/clinical-basis.md §5), hence completed/stopped too.
+        # last 7 days (cidofovir, docs/clinical-basis.md §5), hence completed/stopped too. With the Medications
+        # they reference (_include), so orders by medicationReference are identified in the same round trip
+        # (service.medication_refs).
         PrefetchTemplate(
             "medications",
-            f"MedicationRequest?patient={PATIENT}&status=active,on-hold,completed,stopped&_sort=-authoredon&_count=100",
+            f"MedicationRequest?patient={PATIENT}&status=active,on-hold,completed,stopped&_sort=-authoredon&_count=100"
+            "&_include=MedicationRequest:medication",
         ),
     )
 

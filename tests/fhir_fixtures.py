@@ -97,6 +97,53 @@ def condition(cid: str, text: str, snomed: str | None = None, severe: bool = Fal
     return resource
 
 
+def patient_data(
+    drop: tuple[str, ...] = (), add: tuple[dict[str, Any], ...] = (), **patient_fields: Any
+) -> list[dict[str, Any]]:
+    """The fixture patient's resources without those whose ids are in ``drop``, with ``add``, and the Patient's
+    elements changed by ``patient_fields``."""
+    resources = [r for r in patient_resources() if r["id"] not in drop]
+    for resource in resources:
+        if resource["resourceType"] == "Patient":
+            resource.update(patient_fields)
+    return [*resources, *add]
+
+
+def medication_order(
+    mid: str, text: str, started_days_ago: int, route: str | None = None, status: str = "active"
+) -> dict[str, Any]:
+    """A MedicationRequest of the fixture patient, named by text, started ``started_days_ago`` days ago."""
+    dosage: dict[str, Any] = {"timing": {"repeat": {"boundsPeriod": {"start": day(started_days_ago)}}}}
+    if route:
+        dosage["route"] = {"text": route}
+    return {
+        "resourceType": "MedicationRequest",
+        "id": mid,
+        "status": status,
+        "intent": "order",
+        "medicationCodeableConcept": {"text": text},
+        "subject": {"reference": f"Patient/{PATIENT_ID}"},
+        "authoredOn": day(started_days_ago),
+        "dosageInstruction": [dosage],
+    }
+
+
+def ganciclovir_draft(dose: float = 500, **changes: Any) -> dict[str, Any]:
+    """The fixture ganciclovir draft (IV q12h) at ``dose`` mg, with other elements changed by ``changes``."""
+    order: dict[str, Any] = load("draft-ganciclovir.json")
+    order["dosageInstruction"][0]["doseAndRate"][0]["doseQuantity"]["value"] = dose
+    order.update(changes)
+    return order
+
+
+def by_reference(order: dict[str, Any], reference: str, display: str | None = None) -> dict[str, Any]:
+    """A copy of ``order`` naming its medication by ``reference`` (and ``display``) instead of a concept."""
+    changed = copy.deepcopy(order)
+    del changed["medicationCodeableConcept"]
+    changed["medicationReference"] = {"reference": reference} | ({"display": display} if display else {})
+    return changed
+
+
 def dose_of(resource: dict[str, Any]) -> tuple[float, int, float, str]:
     """A MedicationRequest's first dosage: (dose value, frequency, period, periodUnit)."""
     dosage = resource["dosageInstruction"][0]

@@ -39,12 +39,14 @@ CAPTURE = Capture()
 
 
 def sensitive_strings(today: dt.date | None = None) -> set[str]:
-    """Names, identifiers and birth dates of every Patient in the fixture files."""
+    """Names, identifiers and birth dates of every Patient in the fixture files (and the request fixtures)."""
     from fhir_fixtures import load
 
     found: set[str] = set()
-    for path in FIXTURES.glob("*.json"):
-        data: Any = load(path.name, today)
+    for path in sorted(FIXTURES.glob("*.json")) + sorted(FIXTURES.glob("ehr/*.json")):
+        data: Any = load(str(path.relative_to(FIXTURES)), today)
+        if "hook" in data:  # a request fixture (fixtures/ehr): its prefetched Patient
+            data = (data.get("prefetch") or {}).get("patient") or {}
         resources = [e["resource"] for e in data.get("entry", [])] if data.get("resourceType") == "Bundle" else [data]
         for resource in resources:
             if resource.get("resourceType") != "Patient":

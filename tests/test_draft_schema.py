@@ -87,6 +87,8 @@ def ext(url: str = "http://e/x", **value: Any) -> dict[str, Any]:
 
 VALID: Final[dict[str, dict[str, Any]]] = {
     "base": {},
+    # Epic's draft MedicationRequest ids run to about 190 characters (generate_draft_schema.py, deviation 11).
+    "id-255-chars": {"id": "e" + "z067mnwOAKP5z1.YJwRAs-" * 11 + "a" * 12},
     "contained-medication": by_reference(MED),
     "extension": ext("http://example.org/x", valueString="y"),
     "nested-extension": {
@@ -193,7 +195,7 @@ INVALID: Final[dict[str, dict[str, Any]]] = {
     "contained-type-Project": {"contained": [{"resourceType": "Project", "id": "p", "name": "x"}]},
     "contained-without-resourceType": {"contained": [{"id": "x"}]},
     "id-illegal-chars": {"id": "draft ganciclovir!"},
-    "id-65-chars": {"id": "a" * 65},
+    "id-256-chars": {"id": "a" * 256},
     "id-trailing-newline": {"id": "draft\n"},
     "positiveInt-1.5": {f"{REPEAT}.frequency": 1.5},
     "positiveInt-0": {f"{REPEAT}.frequency": 0},
@@ -253,7 +255,7 @@ SCHEMA_STRICTER: Final = frozenset(
         "contained-type-Foo",
         "contained-type-Project",
         "contained-without-resourceType",
-        "id-65-chars",
+        "id-256-chars",
         "positiveInt-string",
         "positiveInt-true",
         "uri-with-space",

@@ -30,7 +30,7 @@ from responses.matchers import query_string_matcher
 from test_protocol import ACCESS_TOKEN, PREFETCH_KEYS, fhir_access, full_prefetch, gcv_request, serve
 from test_protocol import template_url as fhir_url
 
-from service import fhir_client, metrics
+from service import fhir_client, medication_refs, metrics
 from service.app import create_app
 from service.config import Settings
 from service.fhir_client import FhirFetchError
@@ -179,7 +179,7 @@ def test_label_values_come_only_from_the_service_vocabulary(app: Flask, client: 
         "route": routes,
         "service_id": set(SERVICES) | {""},
         "indicator": {"info", "warning", "critical"},
-        "prefetch_key": set(PREFETCH_KEYS),
+        "prefetch_key": set(PREFETCH_KEYS) | {medication_refs.METRIC_KEY},
         "kind": set(metrics.FETCH_ERROR_KINDS),
     }
     seen: dict[str, set[str]] = {}

@@ -229,3 +229,15 @@ def test_trying_authentication_locally_runs_as_written(tmp_path: Path) -> None:
     assert "AUTHENTICATION DISABLED" not in ran.server_log  # auth was on, and the tokens were accepted
     assert "made a development key in .cmv-cds-dev/" in ran.stderr
     assert (tmp_path / ".cmv-cds-dev" / "client-key.pem").is_file()
+
+
+def test_epic_prefetch_configuration_matches_the_templates() -> None:
+    """Epic's analysts type the prefetch in by hand from the README (Epic does not read discovery): every key
+    and query must be there exactly as the service declares it."""
+    from service.registry import prefetch_templates
+
+    section = README[README.index("### Epic") : README.index("### The CDS Hooks sandbox")]
+    block = re.search(r"```text\n(.*?)```", section, re.DOTALL)
+    assert block is not None
+    lines = [line.split(None, 1) for line in block.group(1).strip().splitlines()]
+    assert [(key, query.strip()) for key, query in lines] == [(t.key, t.query) for t in prefetch_templates()]

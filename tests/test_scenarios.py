@@ -20,9 +20,11 @@ from fhir_fixtures import (
     load,
     observation,
     order_select,
-    patient_resources,
+    patient_data,
     prefetch_for,
 )
+from fhir_fixtures import ganciclovir_draft as gcv_draft
+from fhir_fixtures import medication_order as med
 from flask.testing import FlaskClient
 
 from service.validation import is_valid
@@ -30,39 +32,6 @@ from service.validation import is_valid
 URL = "/cds-services/cmv-antiviral-order-select"
 TODAY = dt.date.today()
 R4B_MODELS: dict[str, Any] = {"MedicationRequest": MedicationRequest, "ServiceRequest": ServiceRequest}
-
-
-def med(mid: str, text: str, started_days_ago: int, route: str | None = None, status: str = "active") -> dict[str, Any]:
-    dosage: dict[str, Any] = {"timing": {"repeat": {"boundsPeriod": {"start": day(started_days_ago)}}}}
-    if route:
-        dosage["route"] = {"text": route}
-    return {
-        "resourceType": "MedicationRequest",
-        "id": mid,
-        "status": status,
-        "intent": "order",
-        "medicationCodeableConcept": {"text": text},
-        "subject": {"reference": "Patient/pat-cmv-1"},
-        "authoredOn": day(started_days_ago),
-        "dosageInstruction": [dosage],
-    }
-
-
-def patient_data(
-    drop: tuple[str, ...] = (), add: tuple[dict[str, Any], ...] = (), **patient_fields: Any
-) -> list[dict[str, Any]]:
-    resources = [r for r in patient_resources() if r["id"] not in drop]
-    for resource in resources:
-        if resource["resourceType"] == "Patient":
-            resource.update(patient_fields)
-    return [*resources, *add]
-
-
-def gcv_draft(dose: float = 500, **changes: Any) -> dict[str, Any]:
-    order: dict[str, Any] = load("draft-ganciclovir.json")
-    order["dosageInstruction"][0]["doseAndRate"][0]["doseQuantity"]["value"] = dose
-    order.update(changes)
-    return order
 
 
 def call(

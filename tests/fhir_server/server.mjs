@@ -17,7 +17,10 @@
 //   - GET /fhir/R4/metadata answers a CapabilityStatement (the router has no such route);
 //   - searchset Bundles get `self`/`next` links (absolute, `_offset` based), entry.fullUrl and
 //     search.mode: MemoryRepository applies `_count` but never emits a `next` link, so a client would
-//     silently lose every result after the first page.
+//     silently lose every result after the first page;
+//   - `_include=MedicationRequest:medication` (the service's `medications` prefetch template) adds the
+//     referenced Medications as entries in search mode `include`, as a full server does: MemoryRepository
+//     ignores `_include`. Other `_include` values are ignored, as a server that does not support them may.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import http from 'node:http';
@@ -131,6 +134,33 @@ function decorateSearchset(bundle, origin, resourcePath, searchParams) {
   };
 }
 
+// _include targets this wrapper resolves: "<Type>:<search parameter>" → the reference in a matched resource.
+const INCLUDES = { 'MedicationRequest:medication': (resource) => resource.medicationReference?.reference };
+
+async function addIncludes(bundle, origin, searchParams) {
+  const references = new Set();
+  for (const include of searchParams.getAll('_include')) {
+    const pick = INCLUDES[include];
+    for (const entry of pick ? bundle.entry ?? [] : []) {
+      const reference = pick(entry.resource);
+      if (typeof reference === 'string' && /^[A-Za-z]+\/[A-Za-z0-9\-.]+$/.test(reference)) references.add(reference);
+    }
+  }
+  for (const reference of references) {
+    const [result, resource] = await router.handleRequest(
+      { method: 'GET', url: reference, pathname: '', query: {}, params: {}, headers: {} },
+      repo
+    );
+    if (isOk(result) && resource) {
+      bundle.entry = [
+        ...(bundle.entry ?? []),
+        { fullUrl: `${origin}${BASE_PATH}/${reference}`, resource, search: { mode: 'include' } },
+      ];
+    }
+  }
+  return bundle;
+}
+
 async function readBody(req) {
   const chunks = [];
   let size = 0;
@@ -184,7 +214,7 @@ async function handle(req, res) {
   );
   let answer = resource ?? result;
   if (req.method === 'GET' && answer?.resourceType === 'Bundle' && answer.type === 'searchset') {
-    answer = decorateSearchset(answer, origin, path, searchParams);
+    answer = await addIncludes(decorateSearchset(answer, origin, path, searchParams), origin, searchParams);
   }
   send(res, getStatus(result), answer);
 }
