@@ -24,13 +24,15 @@ from typing import Any, Final
 
 from service.config import Settings
 
-# Sync workers: the work is CPU-bound FHIR parsing (ecosystem.md §3); one request per worker at a time.
-worker_class: Final = "sync"
+# Sync workers: the work is CPU-bound FHIR parsing (ecosystem.md §3); one request per worker at a time. Gunicorn's
+# sync worker, plus a drain on SIGTERM (readiness off, then every queued connection answered before exit).
+worker_class: Final = "service.gunicorn_worker.DrainingSyncWorker"
 # Seconds a worker may be silent before the master kills and replaces it. The whole-request FHIR budget
 # (CMV_CDS_FHIR_DEADLINE_SECONDS, default 8 s) sits well inside it.
 timeout: Final = 30
-# On SIGTERM, in-flight requests get this long to finish. Keep it below the orchestrator's stop grace
-# period (docker-compose.yml sets stop_grace_period: 20s; Docker's own default is 10 s).
+# On SIGTERM, workers drain (service/gunicorn_worker.py) for at most this long less 3 s, then finish their last
+# request. Keep it below the orchestrator's stop grace period (docker-compose.yml: stop_grace_period 20s; the
+# Kubernetes Deployment: terminationGracePeriodSeconds 30 with a 5 s preStop pause before SIGTERM).
 graceful_timeout: Final = 15
 # Sync workers close the connection after each response, so this matters only with another worker class
 # (e.g. gthread); kept at 2 s for that case.
