@@ -22,7 +22,7 @@ import tempfile
 import time
 from typing import Any, Final
 
-from service.config import Settings
+from service.config import ConfigError, Settings
 
 # Sync workers: the work is CPU-bound FHIR parsing (ecosystem.md §3); one request per worker at a time. Gunicorn's
 # sync worker, plus a drain on SIGTERM (readiness off, then every queued connection answered before exit).
@@ -60,7 +60,21 @@ def bind_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+# Room a hook call needs beyond its FHIR budget (validation, evaluation, a slow database write on feedback).
+_REQUEST_MARGIN_SECONDS: Final = 5.0
+
+
+def check_fhir_budget(settings: Settings) -> None:
+    """The FHIR budget must end well before gunicorn kills a silent worker (and with it the worker's other work)."""
+    if settings.fhir_deadline_seconds + _REQUEST_MARGIN_SECONDS > timeout:
+        raise ConfigError(
+            f"CMV_CDS_FHIR_DEADLINE_SECONDS ({settings.fhir_deadline_seconds:g}) must be at most "
+            f"{timeout - _REQUEST_MARGIN_SECONDS:g}: gunicorn's worker timeout is {timeout} s"
+        )
+
+
 _settings = Settings.load()
+check_fhir_budget(_settings)
 bind = bind_address(_settings.host, _settings.port)
 workers = _settings.workers
 loglevel = _settings.log_level.lower()

@@ -179,11 +179,8 @@ def test_a_service_user_without_ddl_rights_runs_after_migrate(
     with postgres_cluster.connect(name) as admin:
         admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
         admin.execute(sql.SQL("REVOKE CREATE ON SCHEMA public FROM PUBLIC"))
-        admin.execute(
-            sql.SQL("ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {}").format(
-                sql.Identifier(role)
-            )
-        )
+        grant = "ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {}"
+        admin.execute(sql.SQL(grant).format(sql.Identifier(role)))
     service_url = f"postgresql+psycopg://{role}@{postgres_cluster.host}:{postgres_cluster.port}/{name}"
     app = create_app(auth_on(service_url, tmp_path))
     apps.append(app)

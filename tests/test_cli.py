@@ -21,7 +21,7 @@ from gunicorn.app.wsgiapp import WSGIApplication
 from processes import free_loopback_port, stop_process_group
 
 from service import cli, gunicorn_conf
-from service.config import ENV_PREFIX, Settings
+from service.config import ENV_PREFIX, ConfigError, Settings
 from service.draft_schema import draft_schema
 from service.validation import SCHEMA_DIR, fast_validator
 
@@ -343,3 +343,9 @@ def check_metrics(port: int, log_path: Path) -> Path:
     directory = Path(match.group(1))
     assert sorted(directory.glob("counter_*.db")), "no worker wrote metric files there"
     return directory
+
+
+def test_a_fhir_budget_gunicorn_would_cut_short_is_a_configuration_error() -> None:
+    gunicorn_conf.check_fhir_budget(Settings.load(environ={"CMV_CDS_FHIR_DEADLINE_SECONDS": "25"}))
+    with pytest.raises(ConfigError, match="must be at most 25"):
+        gunicorn_conf.check_fhir_budget(Settings.load(environ={"CMV_CDS_FHIR_DEADLINE_SECONDS": "26"}))
