@@ -62,6 +62,8 @@ SEGMENT_MAX_BYTES = 4 * 1024 * 1024
 # of the in-memory queue used when the spool directory cannot be written.
 MEMORY_MAX_ROWS = 20_000
 REPLAY_CHUNK_ROWS = 2_000
+# The most rows write_pending (a feedback call) inserts itself.
+WRITE_PENDING_MAX_ROWS = 1_000
 # How long close() waits for the writer thread.
 JOIN_SECONDS = 10.0
 
@@ -92,7 +94,7 @@ class IssuedCardLog:
         self._dir = spool_dir
         self._max_bytes = max_spool_bytes
         self._lock = threading.Lock()  # guards _active, _memory, _thread, _pid, _backlog_bytes
-        self._writing = threading.Lock()  # one database write at a time (writer thread, write_pending, close)
+        self._writing = threading.Lock()  # one writer cycle at a time (the writer thread, close)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -133,9 +135,31 @@ class IssuedCardLog:
         return bool(self._memory) or (active is not None and active.size > 0)
 
     def write_pending(self) -> None:
-        """Insert this process's pending rows now (feedback and the report need them in the database). A failure
-        leaves them spooled for the writer's retry and raises the database error."""
-        self._write(raise_errors=True, replay=False)
+        """Insert a copy of this process's rows of the last moments now (feedback and the report need them in the
+        database), raising the database error if it fails. The spool is left as it is: the writer inserts the rows
+        again (a no-op) and deletes them, and a failure here neither fragments the spool nor waits for the writer
+        (feedback during an outage answers its 503 at once; after one, it does not queue behind a replay)."""
+        with self._lock:
+            active = self._active
+            rows = list(self._memory) + (list(active.rows) if active is not None and active.rows is not None else [])
+        if rows:
+            # The newest only: after a long back-off the active segment can hold thousands, which settle() asks
+            # the writer for instead.
+            self._insert_checked(rows[-WRITE_PENDING_MAX_ROWS:])
+
+    @property
+    def has_backlog(self) -> bool:
+        """Rows wait on disk after a failure (or a dead process's): the writer is retrying or replaying."""
+        return self._backlog or self._retry_at > time.monotonic()
+
+    def settle(self, timeout: float) -> None:
+        """Ask the writer to retry now and wait, at most ``timeout`` seconds, until it has no backlog left."""
+        self._retry_at = 0.0
+        self._backlog = True
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        while self.has_backlog and time.monotonic() < deadline:
+            time.sleep(WRITE_BEHIND_SECONDS)
 
     # --- lifecycle ----------------------------------------------------------------------------------------
 
@@ -158,7 +182,7 @@ class IssuedCardLog:
         if self._pid != os.getpid():
             return  # a forked child: the segment belongs to the parent
         with contextlib.suppress(Exception):
-            self._write(raise_errors=False, replay=False)
+            self._write(replay=False)
         with self._lock:
             active, self._active = self._active, None
             lost, self._memory = len(self._memory), []
@@ -196,7 +220,7 @@ class IssuedCardLog:
                 return
             self._wake.clear()
             try:
-                self._write(raise_errors=False, replay=True)
+                self._write(replay=True)
             except Exception:
                 log.exception("issued-card writer failed")
 
@@ -206,12 +230,14 @@ class IssuedCardLog:
             return self._retry_at - now
         return RESCAN_SECONDS
 
-    def _write(self, *, raise_errors: bool, replay: bool) -> None:
+    def _write(self, *, replay: bool) -> None:
+        """One cycle of the writer: the rows appended since the last, then (``replay``) the backlog on disk.
+        Failures are handled here (kept, retried after a back-off), never raised."""
         with self._writing:
             now = time.monotonic()
             if now - self._last_scan >= RESCAN_SECONDS:
                 self._backlog = True
-            if now < self._retry_at and not raise_errors:
+            if now < self._retry_at:
                 self._close_large_segment()  # in back-off: only keep segments bounded
                 return
             segment, memory = self._take()
@@ -221,8 +247,6 @@ class IssuedCardLog:
                     self._insert_checked(rows)
             except Exception as exc:
                 self._failed(segment, memory, exc)
-                if raise_errors:
-                    raise
                 return
             if segment is not None:
                 _discard(segment)

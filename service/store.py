@@ -90,6 +90,8 @@ _SCHEMA_LOCK_KEY = 0x636D765F636473  # "cmv_cds"
 _SQLITE_BUSY_TIMEOUT_SECONDS = 5
 # How long store_feedback waits for another process's write-behind before calling a card unknown.
 WRITE_BEHIND_GRACE_SECONDS = 3 * audit_log.WRITE_BEHIND_SECONDS
+# ...and, right after an outage, for this process's spool to be replayed (a card issued during it).
+BACKLOG_GRACE_SECONDS = 3.0
 # Issued-card spool (service.audit_log): the directory used when none is configured, beside a SQLite file, and
 # the size above which new rows are dropped.
 DEFAULT_SPOOL_DIR = "cmv-cds-spool"
@@ -345,7 +347,8 @@ class FeedbackStore:
             self._audit.append(_issued_rows(service_id, hook_instance, cards))
 
     def _insert_issued(self, rows: Sequence[Row]) -> None:
-        """One driver-level ``executemany`` in one transaction (SQLAlchemy Core per row cost ~3x as much CPU).
+        """One driver-level ``executemany`` in one transaction (SQLite, 16-row batches: about 20 % less CPU per row
+        than the SQLAlchemy Core insert it replaces, which bound and processed every row in Python).
         Database errors are raised as SQLAlchemy's (``OperationalError`` when the database is unavailable)."""
         self.ensure_schema()
         params: list[tuple[str | datetime, ...]]
@@ -373,7 +376,10 @@ class FeedbackStore:
         with Session(self._engine) as session:
             known = set(session.scalars(statement))
         if known != card_uuids:
-            time.sleep(WRITE_BEHIND_GRACE_SECONDS)
+            if self._audit.has_backlog:
+                self._audit.settle(BACKLOG_GRACE_SECONDS)
+            else:
+                time.sleep(WRITE_BEHIND_GRACE_SECONDS)
 
     def store_feedback(self, service_id: str, items: Sequence[Mapping[str, Any]]) -> FeedbackResult:
         """Store CDS Hooks 2.0.1 feedback items (already schema-validated) for ``service_id``.
@@ -399,7 +405,7 @@ class FeedbackStore:
             return FeedbackResult(stored=0, unknown_cards=0)
         self.ensure_schema()
         if self._audit.has_pending:
-            self._audit.write_pending()  # this process's rows only; on failure they stay spooled (503)
+            self._audit.write_pending()  # this process's latest rows; on failure they stay spooled (503)
         if self._audit.started:
             self._await_other_writers(service_id, {row["card_uuid"] for row in rows.values()})
 

@@ -14,8 +14,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import orjson
+from fhir_fixtures import load, order_select, patient_resources, prefetch_for
 from processes import LOOPBACK
 
 MAX_CONNECTION_SECONDS = 30.0
@@ -165,3 +167,22 @@ def fault_servers() -> Iterator[tuple[FaultServer, FaultServer]]:
     """A misbehaving server whose redirects and next links point at a second one (which must see no request)."""
     with FaultServer() as foreign, FaultServer(foreign.base("ok")) as server:
         yield server, foreign
+
+
+def request_fetching(base: str, *missing: str) -> dict[str, Any]:
+    """A ganciclovir order-select whose prefetch lacks the ``missing`` keys, to be fetched from ``base``."""
+    prefetch = prefetch_for(patient_resources())
+    for key in missing:
+        del prefetch[key]
+    return order_select(
+        [load("draft-ganciclovir.json")],
+        prefetch=prefetch,
+        fhirServer=base,
+        fhirAuthorization={
+            "access_token": "opaque-token",
+            "token_type": "Bearer",
+            "expires_in": 300,
+            "scope": "patient/*.read",
+            "subject": "cmv-cds",
+        },
+    )

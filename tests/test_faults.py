@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fault_fhir_server import FaultServer, fault_servers
+from fault_fhir_server import FaultServer, fault_servers, request_fetching
 from fhir_fixtures import load, order_select, patient_resources, prefetch_for
 from pg_cluster import PgCluster
 from pg_cluster import postgres_cluster as postgres_cluster  # fixture, requested by name
@@ -249,21 +249,7 @@ def fetching_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servi
 
 
 def fetching_call(base: str) -> tuple[str, str, Any]:
-    prefetch = prefetch_for(patient_resources())
-    del prefetch["labs"], prefetch["conditions"]
-    body = order_select(
-        [load("draft-ganciclovir.json")],
-        prefetch=prefetch,
-        fhirServer=base,
-        fhirAuthorization={
-            "access_token": "opaque",
-            "token_type": "Bearer",
-            "expires_in": 300,
-            "scope": "patient/*.read",
-            "subject": "cmv-cds",
-        },
-    )
-    return "POST", SELECT, body
+    return "POST", SELECT, request_fetching(base, "labs", "conditions")
 
 
 def test_every_call_is_answered_within_the_budget_against_a_slow_loris_server(

@@ -9,12 +9,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
-from fault_fhir_server import FaultServer, fault_servers
-from fhir_fixtures import load, order_select, patient_resources, prefetch_for
+from fault_fhir_server import FaultServer, fault_servers, request_fetching
 from flask import Flask
 from flask.testing import FlaskClient
 
@@ -45,25 +43,6 @@ def app(tmp_path: Path) -> Iterator[Flask]:
     )
     yield application
     application.extensions["cmv_cds"]["store"].dispose()
-
-
-def request_fetching(base: str, *missing: str) -> dict[str, Any]:
-    """A ganciclovir order-select whose prefetch lacks ``missing`` keys, to be fetched from ``base``."""
-    prefetch = prefetch_for(patient_resources())
-    for key in missing:
-        del prefetch[key]
-    return order_select(
-        [load("draft-ganciclovir.json")],
-        prefetch=prefetch,
-        fhirServer=base,
-        fhirAuthorization={
-            "access_token": "opaque-token",
-            "token_type": "Bearer",
-            "expires_in": 300,
-            "scope": "patient/*.read",
-            "subject": "cmv-cds",
-        },
-    )
 
 
 def fetch_threads() -> list[threading.Thread]:

@@ -181,6 +181,29 @@ def test_feedback_during_an_outage_is_a_503_and_loses_no_card(
     assert issued_uuids(url) == {c.uuid for c in cards}
 
 
+def test_feedback_right_after_an_outage_finds_a_card_issued_during_it(
+    tmp_path: Path, spool: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The card's row is in a spool segment whose insert failed; the writer would retry only 30 s later. The
+    feedback does not call the card unknown: it has the writer retry now and waits (bounded) for the replay."""
+    monkeypatch.setattr(audit_log, "RETRY_FIRST_SECONDS", 30.0)
+    monkeypatch.setattr(audit_log, "RETRY_MAX_SECONDS", 30.0)
+    directory = tmp_path / "later"
+    url = f"sqlite:///{directory / 'feedback.sqlite3'}"
+    store = FeedbackStore(url, spool, create_schema_on_use=True)
+    retries_before = metrics.AUDIT_RETRIES._value.get()
+    issued = card()
+    store.record_cards_later(SERVICE, "hook-1", [issued])
+    assert wait_for(lambda: metrics.AUDIT_RETRIES._value.get() > retries_before), "the first insert failed"
+    directory.mkdir()
+    started = time.monotonic()
+    item = {"card": issued.uuid, "outcome": "overridden", "outcomeTimestamp": "2026-03-01T10:15:30Z"}
+    result = store.store_feedback(SERVICE, [item])
+    assert (result.stored, result.unknown_cards) == (1, 0)
+    assert time.monotonic() - started < store_module.BACKLOG_GRACE_SECONDS + 1
+    store.dispose()
+
+
 def test_a_spool_that_cannot_be_written_falls_back_to_memory(
     url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
