@@ -143,6 +143,7 @@ def wait_until(condition: Callable[[], bool], seconds: float, message: str) -> N
 class Outcome:
     """One request of the load: when it was sent and what became of it."""
 
+    path: str
     started: float
     finished: float
     status: int | None  # None: no HTTP answer
@@ -191,8 +192,8 @@ class Load:
             started = time.monotonic()
             try:
                 status, answer = http_request(self.port, method, path, body, timeout=self.timeout)
-                outcome = Outcome(started, time.monotonic(), status, None, answer)
+                outcome = Outcome(path, started, time.monotonic(), status, None, answer)
             except (OSError, http.client.HTTPException) as exc:
-                outcome = Outcome(started, time.monotonic(), None, type(exc).__name__)
+                outcome = Outcome(path, started, time.monotonic(), None, type(exc).__name__)
             with self._lock:
                 self.outcomes.append(outcome)

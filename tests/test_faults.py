@@ -91,11 +91,11 @@ def mixed_load(service: Service, concurrency: int = 4, seconds: float = 120.0) -
 
 
 def feedback_outcomes(outcomes: list[Outcome]) -> list[Outcome]:
-    return [o for o in outcomes if isinstance(o.body, dict) and ("stored" in o.body or o.body.get("issue"))]
+    return [o for o in outcomes if o.path == FEEDBACK]
 
 
 def hook_outcomes(outcomes: list[Outcome]) -> list[Outcome]:
-    return [o for o in outcomes if o not in feedback_outcomes(outcomes)]
+    return [o for o in outcomes if o.path == SELECT]
 
 
 def db_rows(cluster: PgCluster, database: str, query: str) -> list[tuple[Any, ...]]:
