@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 # CMV antiviral CDS Hooks service: gunicorn (sync workers) as a non-root user.
 #   docker build -t cmv-cds .
+#   docker run --rm cmv-cds cmv-cds migrate   # the one-shot schema step (compose's `migrate`, the Kubernetes Job)
 #   docker compose up          # with PostgreSQL, see docker-compose.yml
 
 # ---- builder: a virtual environment with the dependencies and the cmv-cds console script ----------
@@ -56,15 +57,22 @@ RUN python -m compileall -q service cards
 
 # Listen on all interfaces inside the container. The feedback store defaults to SQLite in the user's
 # data directory (the image default, sqlite:///cmv-cds-feedback.sqlite3, would be in read-only /app);
-# docker-compose.yml points it at PostgreSQL instead.
+# docker-compose.yml points it at PostgreSQL instead. The issued-card spool (audit rows waiting for the
+# database, service/audit_log.py) lives there too: mount a volume at /var/lib/cmv-cds so that it survives the
+# container (compose: the `spool` volume; Kubernetes: an emptyDir, which survives container restarts). Beyond it
+# only /tmp (the Prometheus multiprocess files) and /dev/shm (worker heartbeats) are written: with a read-only
+# root file system, mount a tmpfs at /tmp (deploy/kubernetes does).
 ENV CMV_CDS_HOST=0.0.0.0 \
     CMV_CDS_PORT=8080 \
-    CMV_CDS_DATABASE_URL=sqlite:////var/lib/cmv-cds/feedback.sqlite3
+    CMV_CDS_DATABASE_URL=sqlite:////var/lib/cmv-cds/feedback.sqlite3 \
+    CMV_CDS_SPOOL_DIR=/var/lib/cmv-cds/spool
 
 USER 10001:10001
 EXPOSE 8080
 
-# /healthz answers without a JWT and without touching the database (liveness only; /readyz checks it).
+# /healthz answers without a JWT and without touching the database (liveness only; /readyz checks it). The
+# service starts without its database (and creates a missing schema on first use); `cmv-cds migrate` creates it
+# beforehand where the service's database user may not.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
 

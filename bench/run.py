@@ -559,7 +559,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--label", default="", help="a label printed with the results (e.g. before/after)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    parser.add_argument(
+        "--faults",
+        action="store_true",
+        help="instead of the load benchmark, run the long fault variants (60 s outage, 60 s soak; bench/faults.py)",
+    )
     args = parser.parse_args(argv)
+    if args.faults:
+        from bench.faults import run_faults
+
+        return run_faults()
     if args.rounds is not None and (not args.peer or args.rounds < 1):
         parser.error("--rounds needs --peer and must be at least 1")
 

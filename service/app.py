@@ -14,7 +14,7 @@ from werkzeug.routing import BaseConverter
 
 from cards.model import new_uuid
 from cards.profiles import shape
-from service import metrics
+from service import lifecycle, metrics
 from service.auth import Authenticator, NoTrustedIssuers, build_authenticator, load_trusted_issuers
 from service.client_profiles import ClientProfiles
 from service.config import Settings
@@ -43,6 +43,10 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Probes for orchestrators: no JWT, no patient data in or out. The OpenAPI document describes the
 # interface only: it is static and contains no patient data.
 _UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
+_DATABASE_NOT_READY = {
+    "unavailable": "feedback database unreachable",
+    "schema-missing": "feedback database schema missing and not creatable here: run `cmv-cds migrate`",
+}
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -53,8 +57,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask("cmv_cds")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.url_map.converters["service"] = _ServiceIdConverter
-    store = FeedbackStore(settings.database_url)
-    store.create_schema()
+    # No database connection at boot: a worker starts (and serves hook calls) while the database is down. The
+    # schema comes from `cmv-cds migrate`, or is created on first use (service.store).
+    store = FeedbackStore(
+        settings.database_url, settings.spool_dir or None, settings.spool_max_bytes, create_schema_on_use=True
+    )
+    store.start_background_writer()
     authenticator: Authenticator = build_authenticator(settings, store.engine)
     issuer_fhir_servers = {
         iss: issuer.fhir_servers
@@ -164,10 +172,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     @app.get("/readyz")
     def readyz() -> Response:
-        """Readiness: the feedback database answers."""
-        if not store.ping():
-            outcome = operation_outcome("feedback database unreachable", issue_code="transient")
+        """Readiness: not draining for shutdown, and the database answers with its tables in place."""
+        if lifecycle.is_draining():
+            outcome = operation_outcome("shutting down: answering queued connections only", issue_code="transient")
             return json_response(outcome, status=503)
+        database = store.readiness()
+        if database != "ok":
+            message = _DATABASE_NOT_READY[database]
+            return json_response(operation_outcome(message, issue_code="transient"), status=503)
         return json_response({"status": "ready", "database": "ok"})
 
     @app.get("/cds-services")

@@ -1,4 +1,5 @@
-"""The ``cmv-cds`` command: ``cmv-cds serve`` runs the service under gunicorn with sync workers.
+"""The ``cmv-cds`` command: ``cmv-cds serve`` runs the service under gunicorn with sync workers; ``cmv-cds migrate``
+creates the database schema (the deployment's one-shot step).
 
 Gunicorn is driven programmatically (a ``BaseApplication`` subclass), with the settings of
 ``service.gunicorn_conf`` plus the command-line flags on top. The master never imports the Flask app:
@@ -101,10 +102,37 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         help=f"number of sync worker processes (env {_env_name('workers')}, default {_default('workers')})",
     )
+    _add_migrate_parser(commands)
     _add_report_parser(commands)
     _add_demo_parser(commands)
     _add_token_parser(commands)
     return parser
+
+
+def _add_migrate_parser(commands: Any) -> None:
+    migrate = commands.add_parser(
+        "migrate",
+        help="create the database schema (one-shot; before the service starts)",
+        description=(
+            "Create the tables of the feedback store (issued cards, feedback, JWT replay) if they do not exist. "
+            "Idempotent, and safe while other instances run or start. Meant as the one-shot step of a deployment "
+            "(the compose `migrate` service, the Kubernetes Job), so that the service's own database user needs no "
+            f"right to create tables. Reads {_env_name('database_url')} (or --database-url); waits for a database "
+            "that is still starting."
+        ),
+    )
+    migrate.add_argument(
+        "--database-url",
+        metavar="URL",
+        help=f"SQLAlchemy URL of the feedback store (default: {_env_name('database_url')})",
+    )
+    migrate.add_argument(
+        "--wait",
+        metavar="SECONDS",
+        type=float,
+        default=60.0,
+        help="how long to retry while the database does not answer (default %(default)g; 0: one attempt)",
+    )
 
 
 def _since(text: str) -> Any:
@@ -297,6 +325,42 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    """``cmv-cds migrate``: 0 once the schema exists; 1 (database error after --wait) or 2 (configuration)."""
+    import time
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    from service.store import FeedbackStore
+
+    try:
+        url = make_url(args.database_url or Settings.load().database_url)
+        store = FeedbackStore(url.render_as_string(hide_password=False))
+    except (ConfigError, ArgumentError) as exc:
+        print(f"{PROG} migrate: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    shown_url = url.render_as_string(hide_password=True)
+    deadline = time.monotonic() + max(0.0, args.wait)
+    delay = 0.5
+    try:
+        while True:
+            try:
+                store.create_schema()
+                break
+            except SQLAlchemyError as exc:
+                if time.monotonic() + delay > deadline:
+                    reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
+                    print(f"{PROG} migrate: database error at {shown_url}: {reason[:300]}", file=sys.stderr)
+                    return 1
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+    finally:
+        store.dispose()
+    print(f"{PROG} migrate: schema up to date at {shown_url}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     """``cmv-cds report``: 0 with the report on stdout; 1 (database error) or 2 (configuration) with one line."""
     import json
@@ -382,7 +446,7 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"serve": _serve, "report": _report, "demo": _demo, "token": _token}
+_COMMANDS = {"serve": _serve, "migrate": _migrate, "report": _report, "demo": _demo, "token": _token}
 # The exit status of a command whose reader went away (`cmv-cds report | head`), as for a process ended by
 # SIGPIPE (128 + 13): what a shell reports for `cat` in the same place.
 EXIT_BROKEN_PIPE = 141

@@ -30,6 +30,10 @@ class Settings:
     require_auth: bool = True
     # Feedback store. SQLite in the working directory by default: embedded, zero set-up.
     database_url: str = "sqlite:///cmv-cds-feedback.sqlite3"
+    # Issued-card audit spool (service/audit_log.py): rows wait here for the database. Empty: beside a SQLite
+    # database file (<file>.spool), else ./cmv-cds-spool. Above spool_max_bytes new rows are dropped (counted).
+    spool_dir: str = ""
+    spool_max_bytes: int = 256 * 1024 * 1024
     # Public base URL of the service as the EHR calls it (JWT `aud` behind a proxy). Empty: the
     # request's own URL is used.
     public_base_url: str = ""
@@ -123,6 +127,8 @@ class Settings:
             or self.fhir_max_response_bytes < 1024
         ):
             raise ConfigError("FHIR timeout, page and worker limits must be positive")
+        if self.spool_max_bytes < 1024 * 1024:
+            raise ConfigError("CMV_CDS_SPOOL_MAX_BYTES must be at least 1048576 (1 MiB)")
         if self.max_body_bytes < 1024:
             raise ConfigError("CMV_CDS_MAX_BODY_BYTES must be at least 1024")
         if self.high_viral_load_iu_ml <= 0:

@@ -2,18 +2,32 @@
 
 Short timeouts, a byte cap on every response, no redirects, and paging only within the FHIR server's
 own origin: the service must never become a proxy into the hospital network.
+
+**One wall-clock budget per hook call** (``FetchBudget``, ``CMV_CDS_FHIR_DEADLINE_SECONDS``) bounds the total time of
+every read made for that call: connecting, TLS, headers, every page and every body byte. A per-read socket
+timeout cannot do that (a server sending one byte per second never trips it), so the budget keeps a watchdog:
+every socket opened or reused for the call is registered with it, and when the budget runs out the watchdog
+shuts those sockets down, which ends a blocked read at once, in whichever thread it runs. The call then fails
+with ``FhirDeadlineExceeded``. The watchdog is a timer thread that lives at most until the deadline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import socket
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 FHIR_JSON = "application/fhir+json"
 
@@ -22,16 +36,165 @@ class FhirFetchError(Exception):
     """Data could not be obtained from the FHIR server. The message names no patient data."""
 
 
+class FhirDeadlineExceeded(FhirFetchError):
+    """The hook call's FHIR budget (``CMV_CDS_FHIR_DEADLINE_SECONDS``) ran out before the data arrived."""
+
+    def __init__(self) -> None:
+        super().__init__("FHIR fetch deadline exceeded")
+
+
+class FetchBudget:
+    """The wall-clock budget of all FHIR reads of one hook call (see the module docstring).
+
+    ``remaining()`` is what is left; ``expire()`` ends it early (the prefetch pool, when it stops waiting);
+    ``close()`` releases the watchdog when the call is done. Thread-safe: the reads of one call run in parallel.
+    """
+
+    def __init__(self, seconds: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.seconds = seconds
+        self.deadline: float = clock() + seconds
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._timer: threading.Timer | None = None
+        self._expired = False
+
+    def remaining(self) -> float:
+        return self.deadline - self._clock()
+
+    @property
+    def expired(self) -> bool:
+        """True once the deadline has passed (or ``expire`` was called)."""
+        return self._expired or self.remaining() <= 0
+
+    def watch(self, sock: socket.socket) -> None:
+        """Shut ``sock`` down when the budget runs out (at once if it already has)."""
+        with self._lock:
+            if not self._expired:
+                self._sockets.add(sock)
+                if self._timer is None:
+                    self._timer = threading.Timer(max(0.0, self.remaining()), self.expire)
+                    self._timer.name = "cmv-cds-fhir-deadline"
+                    self._timer.daemon = True
+                    self._timer.start()
+                return
+        _shut_down(sock)
+
+    def expire(self) -> None:
+        """End the budget now: every watched socket is shut down, blocked reads on it return."""
+        with self._lock:
+            self._expired = True
+            sockets, self._sockets = self._sockets, set()
+            timer, self._timer = self._timer, None
+        if timer is not None and timer is not threading.current_thread():
+            timer.cancel()
+        for sock in sockets:
+            _shut_down(sock)
+
+    def close(self) -> None:
+        """The hook call is done with FHIR: stop the watchdog (the sockets are the sessions' to close)."""
+        with self._lock:
+            self._sockets.clear()
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+
+    @contextlib.contextmanager
+    def bound(self) -> Iterator[None]:
+        """Within the block, connections this thread opens or reuses are watched by this budget."""
+        previous = getattr(_current, "budget", None)
+        _current.budget = self
+        try:
+            yield
+        finally:
+            _current.budget = previous
+
+
+def _shut_down(sock: socket.socket) -> None:
+    # socket.socket's own shutdown, also for an SSLSocket: no TLS close_notify exchange, just the file descriptor,
+    # which makes a recv blocked in another thread return at once.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+_current = threading.local()
+
+
+def _watch_current(sock: socket.socket | None) -> None:
+    budget: FetchBudget | None = getattr(_current, "budget", None)
+    if budget is not None and sock is not None:
+        budget.watch(sock)
+
+
+class _WatchedNewConnection:
+    """Mixin for urllib3 connections: a new socket is watched before TLS and headers (a slow handshake counts)."""
+
+    def _new_conn(self) -> socket.socket:
+        sock: socket.socket = super()._new_conn()  # type: ignore[misc]
+        _watch_current(sock)
+        return sock
+
+
+class _WatchedReusedConnection:
+    """Mixin for urllib3 pools: a kept-alive connection taken from the pool is watched too."""
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        conn = super()._get_conn(timeout)  # type: ignore[misc]
+        _watch_current(getattr(conn, "sock", None))
+        return conn
+
+
+class _WatchedHTTPConnection(_WatchedNewConnection, HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_WatchedNewConnection, HTTPSConnection):
+    pass
+
+
+class _WatchedHTTPConnectionPool(_WatchedReusedConnection, HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSConnectionPool(_WatchedReusedConnection, HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class WatchedAdapter(HTTPAdapter):
+    """requests' adapter whose connections register with the current ``FetchBudget`` (``FetchBudget.bound``)."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _WatchedHTTPConnectionPool,
+            "https": _WatchedHTTPSConnectionPool,
+        }
+
+
+def fhir_session() -> requests.Session:
+    """A requests session whose connections honour the budget of the ``FhirServer`` using it."""
+    session = requests.Session()
+    session.mount("https://", WatchedAdapter())
+    session.mount("http://", WatchedAdapter())
+    return session
+
+
 @dataclass(frozen=True)
 class FhirServer:
-    """A FHIR base URL with the bearer token the CDS client granted for this request."""
+    """A FHIR base URL with the bearer token the CDS client granted for this request, and the hook call's
+    budget: every ``get_json``/``search`` on it, in any thread, ends by ``budget.deadline``."""
 
     base_url: str
     access_token: str | None
     timeout_seconds: float
     max_response_bytes: int
     max_pages: int
-    deadline: float  # time.monotonic() value after which no further call is started
+    budget: FetchBudget = field(compare=False)
+
+    @property
+    def deadline(self) -> float:
+        """``time.monotonic()`` value after which no read is started and every read under way is ended."""
+        return self.budget.deadline
 
     def contains(self, url: str) -> bool:
         """True when ``url`` is on this server's origin and under its base path (segment-wise, no ``..``)."""
@@ -41,24 +204,34 @@ class FhirServer:
         return self.base_url.rstrip("/") + "/" + relative.lstrip("/")
 
     def get_json(self, url: str, session: requests.Session) -> dict[str, Any] | None:
-        """GET one URL; None for 404/410 on a read, error for anything else that is not a JSON 200."""
+        """GET one URL; None for 404/410 on a read, error for anything else that is not a JSON 200.
+
+        Ends by the budget's deadline whatever the server does (``FhirDeadlineExceeded``). ``session``: best from
+        ``fhir_session()``; a plain ``requests.Session`` gets the budget's adapter mounted for this server."""
         if not self.contains(url):
             raise FhirFetchError("FHIR server returned a link outside its own base URL")
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise FhirFetchError("FHIR fetch deadline exceeded")
+        remaining = self.budget.remaining()
+        if remaining <= 0 or self.budget.expired:
+            raise FhirDeadlineExceeded()
         headers = {"Accept": FHIR_JSON}
         if self.access_token:
             headers["Authorization"] = f"Bearer {self.access_token}"
+        if not isinstance(session.get_adapter(url), WatchedAdapter):
+            session.mount(self.base_url, WatchedAdapter())
         timeout = min(self.timeout_seconds, remaining)
         try:
-            with session.get(url, headers=headers, timeout=timeout, allow_redirects=False, stream=True) as resp:
+            with (
+                self.budget.bound(),
+                session.get(url, headers=headers, timeout=timeout, allow_redirects=False, stream=True) as resp,
+            ):
                 if resp.status_code in (404, 410):
                     return None
                 if resp.status_code != 200:
                     raise FhirFetchError(f"FHIR server answered HTTP {resp.status_code}")
-                body = _read_capped(resp, self.max_response_bytes, self.deadline)
+                body = _read_capped(resp, self.max_response_bytes, self.budget)
         except requests.RequestException as exc:
+            if self.budget.expired:
+                raise FhirDeadlineExceeded() from None
             raise FhirFetchError(f"FHIR server unreachable ({type(exc).__name__})") from exc
         try:
             parsed = orjson.loads(body)
@@ -155,16 +328,19 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _read_capped(resp: requests.Response, cap: int, deadline: float) -> bytes:
+def _read_capped(resp: requests.Response, cap: int, budget: FetchBudget) -> bytes:
+    """The body, at most ``cap`` bytes; a read blocked past the deadline is ended by the budget's watchdog."""
     chunks: list[bytes] = []
     size = 0
     for chunk in resp.iter_content(chunk_size=65536):
         size += len(chunk)
         if size > cap:
             raise FhirFetchError(f"FHIR response larger than {cap} bytes")
-        if time.monotonic() > deadline:
-            raise FhirFetchError("FHIR fetch deadline exceeded")
+        if budget.expired:
+            raise FhirDeadlineExceeded()
         chunks.append(chunk)
+    if budget.expired:  # the watchdog shut the socket: what arrived is a truncated body
+        raise FhirDeadlineExceeded()
     return b"".join(chunks)
 
 

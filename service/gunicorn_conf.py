@@ -22,15 +22,17 @@ import tempfile
 import time
 from typing import Any, Final
 
-from service.config import Settings
+from service.config import ConfigError, Settings
 
-# Sync workers: the work is CPU-bound FHIR parsing (ecosystem.md §3); one request per worker at a time.
-worker_class: Final = "sync"
+# Sync workers: the work is CPU-bound FHIR parsing (ecosystem.md §3); one request per worker at a time. Gunicorn's
+# sync worker, plus a drain on SIGTERM (readiness off, then every queued connection answered before exit).
+worker_class: Final = "service.gunicorn_worker.DrainingSyncWorker"
 # Seconds a worker may be silent before the master kills and replaces it. The whole-request FHIR budget
 # (CMV_CDS_FHIR_DEADLINE_SECONDS, default 8 s) sits well inside it.
 timeout: Final = 30
-# On SIGTERM, in-flight requests get this long to finish. Keep it below the orchestrator's stop grace
-# period (docker-compose.yml sets stop_grace_period: 20s; Docker's own default is 10 s).
+# On SIGTERM, workers drain (service/gunicorn_worker.py) for at most this long less 3 s, then finish their last
+# request. Keep it below the orchestrator's stop grace period (docker-compose.yml: stop_grace_period 20s; the
+# Kubernetes Deployment: terminationGracePeriodSeconds 30 with a 5 s preStop pause before SIGTERM).
 graceful_timeout: Final = 15
 # Sync workers close the connection after each response, so this matters only with another worker class
 # (e.g. gthread); kept at 2 s for that case.
@@ -58,7 +60,21 @@ def bind_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+# Room a hook call needs beyond its FHIR budget (validation, evaluation, a slow database write on feedback).
+_REQUEST_MARGIN_SECONDS: Final = 5.0
+
+
+def check_fhir_budget(settings: Settings) -> None:
+    """The FHIR budget must end well before gunicorn kills a silent worker (and with it the worker's other work)."""
+    if settings.fhir_deadline_seconds + _REQUEST_MARGIN_SECONDS > timeout:
+        raise ConfigError(
+            f"CMV_CDS_FHIR_DEADLINE_SECONDS ({settings.fhir_deadline_seconds:g}) must be at most "
+            f"{timeout - _REQUEST_MARGIN_SECONDS:g}: gunicorn's worker timeout is {timeout} s"
+        )
+
+
 _settings = Settings.load()
+check_fhir_budget(_settings)
 bind = bind_address(_settings.host, _settings.port)
 workers = _settings.workers
 loglevel = _settings.log_level.lower()

@@ -17,7 +17,7 @@ from service import prefetch
 from service.config import Settings
 from service.draft_orders import split_draft_orders
 from service.errors import InvalidRequest
-from service.fhir_client import FhirAccessPolicy
+from service.fhir_client import FetchBudget, FhirAccessPolicy
 from service.medication_refs import MedicationResolver
 from service.registry import ServiceDefinition
 from service.validation import validate
@@ -86,15 +86,20 @@ def _run_hook(
     context = body["context"]
     _log_extension(body)
     drafts = split_draft_orders(context, all_selected=service.checks_all_draft_orders)
-    medications = MedicationResolver(
-        body, lambda: prefetch.fhir_server_or_reason(body, settings, access), settings.fhir_max_workers
-    )
-    selected = medications.selected(drafts.selected, drafts.selected_paths)
-    if not selects_cmv_antiviral(selected):
-        return []
-    data = prefetch.resolve(list(service.prefetch), body, settings, access)
-    fetched = [resource for key in sorted(data) for resource in data[key]]
-    context_data = medications.context([*drafts.others, *fetched])
+    # One FHIR budget for every read of the call: Medication reads and prefetch fetches share it.
+    budget = FetchBudget(settings.fhir_deadline_seconds)
+    try:
+        medications = MedicationResolver(
+            body, lambda: prefetch.fhir_server_or_reason(body, settings, access, budget), settings.fhir_max_workers
+        )
+        selected = medications.selected(drafts.selected, drafts.selected_paths)
+        if not selects_cmv_antiviral(selected):
+            return []
+        data = prefetch.resolve(list(service.prefetch), body, settings, access, budget=budget)
+        fetched = [resource for key in sorted(data) for resource in data[key]]
+        context_data = medications.context([*drafts.others, *fetched])
+    finally:
+        budget.close()
     request = HookRequest(
         hook=service.hook,
         patient_id=context["patientId"],

@@ -12,6 +12,8 @@ and the number of series stays bounded):
 * ``cmv_cds_fhir_fetch_duration_seconds{prefetch_key}``: each fetch of one prefetch key from the client's
   FHIR server (all pages of a search), successful or not. Prefetch keys are the service's own templates.
 * ``cmv_cds_fhir_fetch_errors_total{prefetch_key, kind}``: failed fetches, ``kind`` from ``FETCH_ERROR_KINDS``.
+* ``cmv_cds_audit_rows_total{outcome}``, ``cmv_cds_audit_write_retries_total``, ``cmv_cds_audit_spool_bytes``: the
+  issued-card audit trail (service.audit_log), ``outcome`` from ``AUDIT_OUTCOMES``.
 
 Processes: gunicorn runs several workers, each with its own memory. When ``PROMETHEUS_MULTIPROC_DIR`` is set
 before ``prometheus_client`` is first imported (``service.gunicorn_conf.on_starting`` sets it in the master,
@@ -34,6 +36,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     PlatformCollector,
     ProcessCollector,
@@ -88,6 +91,32 @@ FHIR_FETCH_ERRORS = Counter(
     "Failed fetches of a prefetch key from the client's FHIR server, by prefetch key and kind of failure.",
     ["prefetch_key", "kind"],
     registry=REGISTRY,
+)
+
+# What happened to issued-card audit rows (service.audit_log; label values of cmv_cds_audit_rows_total).
+AUDIT_OUTCOMES = (
+    "written",  # inserted by the background writer
+    "spilled",  # an insert failed: kept on disk for a retry
+    "replayed",  # inserted from the spool after a failure or a process death
+    "dropped",  # lost: spool full, memory queue full, or refused by the database as invalid
+)
+AUDIT_ROWS = Counter(
+    "cmv_cds_audit_rows",
+    "Issued-card audit rows by what happened to them: written, spilled (kept on disk after a failed insert), "
+    "replayed (inserted from disk later) or dropped (lost).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+AUDIT_RETRIES = Counter(
+    "cmv_cds_audit_write_retries",
+    "Failed database writes of issued-card rows, each retried after a back-off.",
+    registry=REGISTRY,
+)
+AUDIT_SPOOL_BYTES = Gauge(
+    "cmv_cds_audit_spool_bytes",
+    "Issued-card rows waiting on disk for the database (bytes of spool segments left by failed writes).",
+    registry=REGISTRY,
+    multiprocess_mode="livemax",  # every worker sees the same spool directory
 )
 
 # The kinds of FHIR fetch failure (label values of cmv_cds_fhir_fetch_errors_total).
@@ -194,6 +223,20 @@ def fetch_error_kind(error: FhirFetchError) -> str:
     return next((kind for fragment, kind in _MESSAGE_KINDS if fragment in message), "other")
 
 
+def count_audit_rows(outcome: str, count: int) -> None:
+    """Count issued-card audit rows by outcome (one of ``AUDIT_OUTCOMES``)."""
+    if count:
+        AUDIT_ROWS.labels(outcome).inc(count)
+
+
+def count_audit_retry() -> None:
+    AUDIT_RETRIES.inc()
+
+
+def set_audit_spool_bytes(size: int) -> None:
+    AUDIT_SPOOL_BYTES.set(size)
+
+
 def exposition() -> tuple[bytes, str]:
     """The metrics in the Prometheus text format, and their content type.
 
@@ -208,12 +251,16 @@ def exposition() -> tuple[bytes, str]:
 
 
 __all__ = [
+    "AUDIT_OUTCOMES",
     "FETCH_ERROR_KINDS",
     "MULTIPROCESS",
+    "count_audit_retry",
+    "count_audit_rows",
     "count_cards",
     "count_fhir_fetch_error",
     "exposition",
     "fetch_error_kind",
     "fhir_fetch_timer",
     "observe_request",
+    "set_audit_spool_bytes",
 ]

@@ -5,7 +5,15 @@ For each template the service declared:
 - key present with ``null`` → no data; never re-queried;
 - key absent, or holding an OperationOutcome → fetched from ``fhirServer`` with the bearer token;
 - data that cannot be obtained → ``PreconditionFailed`` (HTTP 412).
-Fetches for one request run in parallel.
+Fetches for one request run in parallel, all within one budget (``CMV_CDS_FHIR_DEADLINE_SECONDS``,
+``service.fhir_client.FetchBudget``) that the pool is awaited with too.
+
+**An expired budget is a 412, never cards from what arrived.** Every prefetch key feeds a safety rule: the
+conditions hold dialysis, pregnancy and CNS disease (which change the drug and the dose), the medications the
+interactions and the nephrotoxic drugs (which contraindicate cidofovir), the observations the weight, renal
+function and blood counts every dose depends on. Without one of them a card would look complete while it is not
+(a creatinine-clearance dose for a patient on dialysis), so the call answers 412 naming the keys that did not
+arrive in time, and the EHR shows no card rather than a wrong one.
 """
 
 from __future__ import annotations
@@ -14,18 +22,29 @@ import logging
 import re
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
-
-import requests
 
 from service import metrics
 from service.config import Settings
 from service.errors import InvalidRequest, PreconditionFailed
-from service.fhir_client import FhirAccessPolicy, FhirFetchError, FhirServer, bundle_resources, next_link
+from service.fhir_client import (
+    FetchBudget,
+    FhirAccessPolicy,
+    FhirDeadlineExceeded,
+    FhirFetchError,
+    FhirServer,
+    bundle_resources,
+    fhir_session,
+    next_link,
+)
 
 log = logging.getLogger("cmv_cds.prefetch")
+
+# After the budget, how long the pool is still awaited: the watchdog has shut every socket down by then, so the
+# fetch threads return within milliseconds; this covers the thread switch, not the network.
+_POOL_GRACE_SECONDS = 0.25
 
 _TOKEN = re.compile(r"\{\{\s*([A-Za-z.]+)\s*\}\}")
 _USER_TOKENS = {
@@ -96,8 +115,12 @@ def resolve(
     body: Mapping[str, Any],
     settings: Settings,
     access: FhirAccessPolicy,
+    budget: FetchBudget | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Return, for every template key, the resources it yields (possibly an empty list)."""
+    """Return, for every template key, the resources it yields (possibly an empty list).
+
+    ``budget``: the hook call's FHIR budget, when the caller reads more from the FHIR server after this (it then
+    closes the budget itself); by default one of ``CMV_CDS_FHIR_DEADLINE_SECONDS`` for these fetches alone."""
     context: Mapping[str, Any] = body["context"]
     prefetch: Mapping[str, Any] = body.get("prefetch") or {}
     results: dict[str, list[dict[str, Any]]] = {}
@@ -122,44 +145,103 @@ def resolve(
     if not to_fetch:
         return results
 
-    server = _server_for(body, settings, [t.key for t, _ in to_fetch], access)
+    own_budget = budget is None
+    budget = FetchBudget(settings.fhir_deadline_seconds) if budget is None else budget
+    try:
+        server = _server_for(body, settings, [t.key for t, _ in to_fetch], access, budget)
+        fetched = _fetch_all(server, to_fetch, context, results, settings.fhir_max_workers)
+    finally:
+        if own_budget:
+            budget.close()
+    results.update(fetched)
+    return results
+
+
+def _fetch_all(
+    server: FhirServer,
+    to_fetch: list[tuple[PrefetchTemplate, str | None]],
+    context: Mapping[str, Any],
+    prefetched: Mapping[str, list[dict[str, Any]]],
+    max_workers: int,
+) -> dict[str, list[dict[str, Any]]]:
+    """Fetch every key in parallel, awaited no longer than the budget; 412 when any key cannot be obtained."""
     started = time.monotonic()
 
-    def fetch(item: tuple[PrefetchTemplate, str | None]) -> tuple[str, list[dict[str, Any]]]:
+    def fetch(item: tuple[PrefetchTemplate, str | None]) -> list[dict[str, Any]]:
         template, next_url = item
-        with requests.Session() as session, metrics.fhir_fetch_timer(template.key):
+        with fhir_session() as session, metrics.fhir_fetch_timer(template.key):
             try:
                 if next_url is not None:
                     # Further pages of a paginated prefetch Bundle (links are checked to stay on fhirServer).
-                    return template.key, results.get(template.key, []) + server.search(next_url, session)
+                    return prefetched.get(template.key, []) + server.search(next_url, session)
                 query = server.url_for(render(template.query, context))
                 if template.is_read:
                     resource = server.get_json(query, session)
-                    return template.key, [] if resource is None else [resource]
-                return template.key, server.search(query, session)
+                    return [] if resource is None else [resource]
+                return server.search(query, session)
             except FhirFetchError as exc:
                 metrics.count_fhir_fetch_error(template.key, exc)
                 log.warning("prefetch fetch failed", extra={"prefetch_key": template.key, "reason": str(exc)})
-                raise PreconditionFailed(
-                    f"could not obtain prefetch '{template.key}' from fhirServer: {exc}",
-                    expression=f"prefetch.{template.key}",
-                ) from exc
+                raise
 
-    if len(to_fetch) == 1:
-        fetched = [fetch(to_fetch[0])]
-    else:
-        with ThreadPoolExecutor(max_workers=min(settings.fhir_max_workers, len(to_fetch))) as pool:
-            fetched = list(pool.map(fetch, to_fetch))
-    for key, resources in fetched:
-        results[key] = resources
+    # A pool even for one key: the request thread waits with a limit, so nothing can hold it past the budget.
+    pool = ThreadPoolExecutor(max_workers=min(max_workers, len(to_fetch)), thread_name_prefix="cmv-cds-fetch")
+    try:
+        futures = [pool.submit(fetch, item) for item in to_fetch]
+        _, pending = wait(futures, timeout=max(0.0, server.budget.remaining()))
+        if pending:
+            server.budget.expire()  # ends every read still blocked
+            wait(pending, timeout=_POOL_GRACE_SECONDS)
+    finally:
+        # Never wait for a thread stuck where the watchdog cannot reach (a DNS lookup): it ends on its own.
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    fetched: dict[str, list[dict[str, Any]]] = {}
+    late: list[str] = []
+    failure: tuple[str, FhirFetchError] | None = None
+    for (template, _), future in zip(to_fetch, futures, strict=True):
+        error = _outcome(future)
+        if error is None:
+            fetched[template.key] = future.result()
+        elif isinstance(error, FhirDeadlineExceeded):
+            late.append(template.key)
+            if future.cancelled():  # never started; one still running counts itself when its read is ended
+                metrics.count_fhir_fetch_error(template.key, error)
+        elif failure is None:
+            failure = (template.key, error)
+    if late:
+        raise PreconditionFailed(
+            f"fhirServer did not answer within the request's budget of {server.budget.seconds:g} s "
+            f"(CMV_CDS_FHIR_DEADLINE_SECONDS); not obtained: {', '.join(sorted(late))}",
+            expression="prefetch." + sorted(late)[0],
+        )
+    if failure is not None:
+        key, error = failure
+        raise PreconditionFailed(
+            f"could not obtain prefetch '{key}' from fhirServer: {error}", expression=f"prefetch.{key}"
+        ) from error
     log.info(
         "prefetch fetched from fhirServer",
         extra={"fetch_count": len(to_fetch), "latency_ms": round((time.monotonic() - started) * 1000, 1)},
     )
-    return results
+    return fetched
 
 
-def _server_for(body: Mapping[str, Any], settings: Settings, keys: list[str], access: FhirAccessPolicy) -> FhirServer:
+def _outcome(future: Future[list[dict[str, Any]]]) -> FhirFetchError | None:
+    """The fetch error of a finished fetch; a deadline error for one still running (or never started)."""
+    if not future.done() or future.cancelled():
+        return FhirDeadlineExceeded()
+    error = future.exception()
+    if error is None:
+        return None
+    if isinstance(error, FhirFetchError):
+        return error
+    raise error
+
+
+def _server_for(
+    body: Mapping[str, Any], settings: Settings, keys: list[str], access: FhirAccessPolicy, budget: FetchBudget
+) -> FhirServer:
     base = body.get("fhirServer")
     if not isinstance(base, str) or not base:
         raise PreconditionFailed(
@@ -178,14 +260,17 @@ def _server_for(body: Mapping[str, Any], settings: Settings, keys: list[str], ac
         timeout_seconds=settings.fhir_timeout_seconds,
         max_response_bytes=settings.fhir_max_response_bytes,
         max_pages=settings.fhir_max_pages,
-        deadline=time.monotonic() + settings.fhir_deadline_seconds,
+        budget=budget,
     )
 
 
-def fhir_server_or_reason(body: Mapping[str, Any], settings: Settings, access: FhirAccessPolicy) -> FhirServer | str:
+def fhir_server_or_reason(
+    body: Mapping[str, Any], settings: Settings, access: FhirAccessPolicy, budget: FetchBudget
+) -> FhirServer | str:
     """The request's fhirServer for reads outside the prefetch templates (Medication reads,
-    ``service.medication_refs``), or why it may not be contacted; never raises."""
+    ``service.medication_refs``), within the hook call's ``budget``, or why it may not be contacted; never
+    raises."""
     try:
-        return _server_for(body, settings, ["medication"], access)
+        return _server_for(body, settings, ["medication"], access, budget)
     except PreconditionFailed as refused:
         return "no fhirServer to read it from" if refused.expression == "prefetch" else refused.message

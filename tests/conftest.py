@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,23 @@ from service.app import create_app
 
 # Installed at import so every service log record of the session passes through the guard.
 logging.getLogger("cmv_cds").addHandler(CAPTURE)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave out (deselect, not skip) the long fault variants unless CMV_CDS_LONG_TESTS=1 (``python -m bench
+    --faults``), and the date-free fault suite from the clock-shifted run (tests/clock_shift), which repeats the
+    suite only to catch date dependence."""
+    long_wanted = os.environ.get("CMV_CDS_LONG_TESTS") == "1"
+    clock_shifted = bool(os.environ.get("TEST_CLOCK_SHIFT_DAYS"))
+    kept: list[pytest.Item] = []
+    left_out: list[pytest.Item] = []
+    for item in items:
+        is_long = item.get_closest_marker("long") is not None
+        is_fault = item.get_closest_marker("faults") is not None
+        (left_out if (is_long and not long_wanted) or (is_fault and clock_shifted) else kept).append(item)
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = kept
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

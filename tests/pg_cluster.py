@@ -169,11 +169,11 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def store(database_url: str) -> Iterator[FeedbackStore]:
-    """A feedback store with its schema, on ``database_url``."""
+def store(database_url: str, tmp_path: Path) -> Iterator[FeedbackStore]:
+    """A feedback store with its schema, on ``database_url`` (its issued-card spool in ``tmp_path``)."""
     from service.store import FeedbackStore  # imported here: test_auth uses this module and copes without it
 
-    feedback_store = FeedbackStore(database_url)
+    feedback_store = FeedbackStore(database_url, tmp_path / "spool")
     feedback_store.create_schema()
     yield feedback_store
     feedback_store.dispose()

@@ -30,6 +30,7 @@ def _uuids(cards: list[dict[str, Any]]) -> set[str]:
 
 def _issued_rows(store: FeedbackStore) -> int:
     store.dispose()  # writes the write-behind queue
+    store.ensure_schema()  # the app creates its tables on first use: none if nothing was recorded
     with store.engine.connect() as conn:
         return int(conn.execute(text("SELECT count(*) FROM issued_card")).scalar_one())
 

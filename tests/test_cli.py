@@ -21,7 +21,7 @@ from gunicorn.app.wsgiapp import WSGIApplication
 from processes import free_loopback_port, stop_process_group
 
 from service import cli, gunicorn_conf
-from service.config import ENV_PREFIX, Settings
+from service.config import ENV_PREFIX, ConfigError, Settings
 from service.draft_schema import draft_schema
 from service.validation import SCHEMA_DIR, fast_validator
 
@@ -59,12 +59,15 @@ def no_run(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
 # --- arguments → gunicorn options -------------------------------------------------------------------
 
+# gunicorn's sync worker with a drain on SIGTERM (service/gunicorn_worker.py).
+DRAINING_SYNC = "service.gunicorn_worker.DrainingSyncWorker"
+
 
 def test_defaults_come_from_settings() -> None:
     options = options_for(["serve"])
     assert options["bind"] == "127.0.0.1:8080"
     assert options["workers"] == 2
-    assert options["worker_class"] == "sync"
+    assert options["worker_class"] == DRAINING_SYNC
 
 
 def test_static_gunicorn_settings() -> None:
@@ -98,7 +101,7 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     options = options_for(["serve", "--host", "127.0.0.2", "--port", "9100", "--workers", "3"])
     assert options["bind"] == "127.0.0.2:9100"
     assert options["workers"] == 3
-    assert options["worker_class"] == "sync"
+    assert options["worker_class"] == DRAINING_SYNC
 
 
 def test_ipv6_host_is_bracketed() -> None:
@@ -112,7 +115,7 @@ def test_options_are_valid_gunicorn_settings() -> None:
     cfg = application.cfg
     assert cfg.bind == ["127.0.0.1:8123"]
     assert cfg.workers == 3
-    assert cfg.worker_class_str == "sync"
+    assert cfg.worker_class_str == DRAINING_SYNC
     assert cfg.timeout == 30
     assert cfg.keepalive == 2
     assert cfg.max_requests == 10_000
@@ -126,7 +129,7 @@ def test_serve_runs_gunicorn_with_the_options(no_run: list[Any]) -> None:
     [application] = no_run
     assert application.cfg.bind == ["127.0.0.1:8124"]
     assert application.cfg.workers == 1
-    assert application.cfg.worker_class_str == "sync"
+    assert application.cfg.worker_class_str == DRAINING_SYNC
 
 
 def test_gunicorn_reads_the_conf_module_directly(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,7 +137,7 @@ def test_gunicorn_reads_the_conf_module_directly(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(sys, "argv", ["gunicorn", "-c", "python:service.gunicorn_conf", "service.wsgi:app"])
     monkeypatch.chdir(REPO)
     cfg = WSGIApplication("%(prog)s [OPTIONS] [APP_MODULE]", prog="gunicorn").cfg
-    assert cfg.worker_class_str == "sync"
+    assert cfg.worker_class_str == DRAINING_SYNC
     assert cfg.bind == [gunicorn_conf.bind]
     assert cfg.workers == gunicorn_conf.workers
     assert cfg.accesslog is None
@@ -316,7 +319,7 @@ def test_real_server_lists_the_services(launcher: str, start_server: Any, server
     assert not metrics_dir.exists(), "the master deletes the metrics directory it created"
     log = log_path.read_text()
     assert "worker warmed" in log  # post_worker_init ran in the worker
-    assert "Using worker: sync" in log
+    assert f"Using worker: {DRAINING_SYNC}" in log
 
 
 def check_metrics(port: int, log_path: Path) -> Path:
@@ -340,3 +343,9 @@ def check_metrics(port: int, log_path: Path) -> Path:
     directory = Path(match.group(1))
     assert sorted(directory.glob("counter_*.db")), "no worker wrote metric files there"
     return directory
+
+
+def test_a_fhir_budget_gunicorn_would_cut_short_is_a_configuration_error() -> None:
+    gunicorn_conf.check_fhir_budget(Settings.load(environ={"CMV_CDS_FHIR_DEADLINE_SECONDS": "25"}))
+    with pytest.raises(ConfigError, match="must be at most 25"):
+        gunicorn_conf.check_fhir_budget(Settings.load(environ={"CMV_CDS_FHIR_DEADLINE_SECONDS": "26"}))

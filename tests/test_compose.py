@@ -13,6 +13,7 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
+from service.auth import load_trusted_issuers
 from service.config import ENV_PREFIX, Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,14 +34,45 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
     return {str(key): "" if value is None else str(value) for key, value in env.items()}
 
 
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
+
+
+def interpolate(value: str, env: dict[str, str] | None = None) -> str:
+    """`${NAME:-default}` / `${NAME}` as compose resolves them from ``env`` (its .env file): the value when set and
+    not empty, else the default (empty without one). ``$$`` is a literal ``$``, left for the container's shell."""
+    env = env or {}
+    resolved = _VARIABLE.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), value.replace("$$", "\0"))
+    return resolved.replace("\0", "$")
+
+
 def interpolate_default(value: str) -> str:
     """`${NAME:-default}` as compose resolves it when NAME is unset."""
-    return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*:?-([^}]*)\}", r"\1", value)
+    return interpolate(value)
+
+
+def variables(compose_text: str) -> set[str]:
+    """Names of the variables compose interpolates in the file (``$${...}`` is the container's, not compose's)."""
+    return {m.group(1) for m in _VARIABLE.finditer(compose_text.replace("$$", ""))}
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """KEY=value lines of a compose env file (comments and blank lines skipped, single quotes taken literally)."""
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        key, separator, value = stripped.partition("=")
+        assert separator, f"not KEY=value: {line!r}"
+        if len(value) >= 2 and value[0] == value[-1] == "'":
+            value = value[1:-1]
+        values[key] = value
+    return values
 
 
 def test_compose_spec_format(compose: dict[str, Any]) -> None:
     assert "version" not in compose
-    assert set(compose["services"]) == {"cds", "postgres", "fhir"}
+    assert set(compose["services"]) == {"migrate", "cds", "postgres", "fhir"}
 
 
 def test_cds_builds_from_the_repository(compose: dict[str, Any]) -> None:
@@ -51,9 +83,71 @@ def test_cds_builds_from_the_repository(compose: dict[str, Any]) -> None:
     assert (REPO / build.get("dockerfile", "Dockerfile")).is_file()
 
 
-def test_cds_publishes_8080(compose: dict[str, Any]) -> None:
-    ports = [str(port) for port in compose["services"]["cds"]["ports"]]
-    assert "8080:8080" in ports
+def test_cds_publishes_8080_on_loopback_unless_told_otherwise(compose: dict[str, Any]) -> None:
+    [port] = [str(port) for port in compose["services"]["cds"]["ports"]]
+    assert interpolate(port) == "127.0.0.1:8080:8080"
+    assert interpolate(port, env_file(REPO / ".env.example")) == "127.0.0.1:8080:8080"
+    assert interpolate(port, {"CDS_PUBLISH_ADDRESS": "0.0.0.0", "CDS_PUBLISH_PORT": "9000"}) == "0.0.0.0:9000:8080"
+
+
+def test_no_stale_notes_in_the_compose_file() -> None:
+    assert "will be added" not in (REPO / "docker-compose.yml").read_text()
+
+
+# --- .env.example: every setting the compose file passes on ------------------------------------------------
+
+
+def test_env_example_lists_exactly_the_variables_compose_reads(compose: dict[str, Any]) -> None:
+    used = variables((REPO / "docker-compose.yml").read_text())
+    listed = set(env_file(REPO / ".env.example"))
+    assert used == listed, {"not in .env.example": used - listed, "not used by compose": listed - used}
+    assert "CMV_CDS_TRUSTED_ISSUERS" in listed
+
+
+def test_env_example_values_are_valid_settings(compose: dict[str, Any]) -> None:
+    example = env_file(REPO / ".env.example")
+    cds_env = {name: interpolate(value, example) for name, value in environment(compose["services"]["cds"]).items()}
+    settings = Settings.load(environ=cds_env)
+    assert settings.require_auth is True
+    assert settings.trusted_issuers == ""
+    assert example["CDS_PUBLISH_ADDRESS"] == "127.0.0.1"
+
+
+def test_trusted_issuers_reach_the_service_from_the_env_file(compose: dict[str, Any], tmp_path: Path) -> None:
+    """The newcomer's trap: auth on and no way to trust an issuer but editing the compose file. The .env value is
+    passed through to the service unchanged (and parsed by it)."""
+    issuers = '{"https://ehr.example.org": {"jku": ["https://ehr.example.org/.well-known/jwks.json"]}}'
+    env_path = tmp_path / ".env"
+    env_path.write_text(
+        (REPO / ".env.example").read_text().replace("CMV_CDS_TRUSTED_ISSUERS=", f"CMV_CDS_TRUSTED_ISSUERS='{issuers}'")
+    )
+    cds_env = {
+        name: interpolate(value, env_file(env_path)) for name, value in environment(compose["services"]["cds"]).items()
+    }
+    assert cds_env["CMV_CDS_TRUSTED_ISSUERS"] == issuers
+    assert "https://ehr.example.org" in load_trusted_issuers(Settings.load(environ=cds_env).trusted_issuers)
+
+
+# --- the schema step ---------------------------------------------------------------------------------------
+
+
+def test_migrate_runs_once_before_the_service(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    migrate = services["migrate"]
+    assert migrate["command"][:2] == ["cmv-cds", "migrate"]
+    assert migrate["restart"] == "no"
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["cds"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert environment(migrate)["CMV_CDS_DATABASE_URL"] == environment(services["cds"])["CMV_CDS_DATABASE_URL"]
+    assert "ports" not in migrate
+
+
+def test_the_spool_is_a_named_volume(compose: dict[str, Any]) -> None:
+    """Audit rows waiting for the database survive a container restart (Dockerfile: CMV_CDS_SPOOL_DIR)."""
+    mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in compose["services"]["cds"]["volumes"]}
+    assert mounts["/var/lib/cmv-cds"] in (compose.get("volumes") or {})
+    env = " ".join(args for instruction, args in final_stage() if instruction == "ENV")
+    assert "CMV_CDS_SPOOL_DIR=/var/lib/cmv-cds/spool" in env
 
 
 @pytest.mark.parametrize("name", ["cds", "postgres", "fhir"])
@@ -68,13 +162,14 @@ def test_healthchecks(compose: dict[str, Any], name: str) -> None:
 
 
 def test_postgres_healthcheck_uses_pg_isready(compose: dict[str, Any]) -> None:
+    """The user and database from the container's own environment (``$$``: not compose's interpolation)."""
     postgres = compose["services"]["postgres"]
     test = postgres["healthcheck"]["test"]
-    command = test if isinstance(test, str) else " ".join(test[1:])
-    env = environment(postgres)
+    command = interpolate(test if isinstance(test, str) else " ".join(test[1:]))
     assert "pg_isready" in command
-    assert f"-U {env['POSTGRES_USER']}" in command
-    assert f"-d {env['POSTGRES_DB']}" in command
+    assert "-U ${POSTGRES_USER}" in command
+    assert "-d ${POSTGRES_DB}" in command
+    assert set(environment(postgres)) >= {"POSTGRES_USER", "POSTGRES_DB"}
 
 
 def test_postgres_keeps_data_in_a_named_volume(compose: dict[str, Any]) -> None:
@@ -89,10 +184,15 @@ def test_cds_waits_for_healthy_postgres(compose: dict[str, Any]) -> None:
     assert depends_on["postgres"]["condition"] == "service_healthy"
 
 
-def test_database_url_points_at_the_postgres_service(compose: dict[str, Any]) -> None:
-    cds_env = environment(compose["services"]["cds"])
-    pg_env = environment(compose["services"]["postgres"])
-    url = make_url(interpolate_default(cds_env["CMV_CDS_DATABASE_URL"]))
+@pytest.mark.parametrize(
+    "dotenv",
+    [{}, {"POSTGRES_USER": "owner", "POSTGRES_PASSWORD": "s3cret", "POSTGRES_DB": "cds"}],
+    ids=["defaults", "set"],
+)
+def test_database_url_points_at_the_postgres_service(compose: dict[str, Any], dotenv: dict[str, str]) -> None:
+    cds_env = {k: interpolate(v, dotenv) for k, v in environment(compose["services"]["cds"]).items()}
+    pg_env = {k: interpolate(v, dotenv) for k, v in environment(compose["services"]["postgres"]).items()}
+    url = make_url(cds_env["CMV_CDS_DATABASE_URL"])
     assert url.drivername == "postgresql+psycopg"
     assert url.host == "postgres"
     assert url.port in (None, 5432)
@@ -126,18 +226,20 @@ def test_fhir_server_is_only_in_the_fhir_profile(compose: dict[str, Any]) -> Non
     """`docker compose up` starts cds and postgres; `docker compose --profile fhir up` adds HAPI FHIR."""
     services = compose["services"]
     assert services["fhir"]["profiles"] == ["fhir"]
-    assert services["fhir"]["image"] == "hapiproject/hapi:latest"
-    for name in ("cds", "postgres"):
+    image, _, tag = services["fhir"]["image"].partition(":")
+    assert image == "hapiproject/hapi"
+    assert re.fullmatch(r"v\d+\.\d+\.\d+(-\d+)?", tag), f"pin a released tag, not {tag!r}"
+    for name in ("migrate", "cds", "postgres"):
         assert "profiles" not in services[name], name
     # A service that is not started by default must not be a dependency of one that is.
-    for name in ("cds", "postgres"):
+    for name in ("migrate", "cds", "postgres"):
         assert "fhir" not in (services[name].get("depends_on") or {}), name
 
 
-def test_fhir_server_publishes_8090(compose: dict[str, Any]) -> None:
+def test_fhir_server_publishes_8090_on_loopback(compose: dict[str, Any]) -> None:
     ports = [str(port) for port in compose["services"]["fhir"]["ports"]]
-    assert ports == ["8090:8080"]
-    cds_ports = {str(port).split(":", 1)[0] for port in compose["services"]["cds"]["ports"]}
+    assert ports == ["127.0.0.1:8090:8080"]
+    cds_ports = {interpolate(str(port)).split(":")[1] for port in compose["services"]["cds"]["ports"]}
     assert "8090" not in cds_ports
 
 

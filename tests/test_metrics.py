@@ -181,6 +181,7 @@ def test_label_values_come_only_from_the_service_vocabulary(app: Flask, client: 
         "indicator": {"info", "warning", "critical"},
         "prefetch_key": set(PREFETCH_KEYS) | {medication_refs.METRIC_KEY},
         "kind": set(metrics.FETCH_ERROR_KINDS),
+        "outcome": set(metrics.AUDIT_OUTCOMES),
     }
     seen: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(text):
