@@ -25,15 +25,16 @@ logging.getLogger("cmv_cds").addHandler(CAPTURE)
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Leave out (deselect, not skip) the long fault variants unless CMV_CDS_LONG_TESTS=1 (``python -m bench
-    --faults``), and the date-free fault suite from the clock-shifted run (tests/clock_shift), which repeats the
-    suite only to catch date dependence."""
+    --faults``), and the tests whose outcome cannot depend on the calendar (markers ``faults`` and
+    ``calendar_free``) from the clock-shifted run (tests/clock_shift), which repeats the suite only to catch date
+    dependence and must keep CI within its time."""
     long_wanted = os.environ.get("CMV_CDS_LONG_TESTS") == "1"
     clock_shifted = bool(os.environ.get("TEST_CLOCK_SHIFT_DAYS"))
     kept: list[pytest.Item] = []
     left_out: list[pytest.Item] = []
     for item in items:
         is_long = item.get_closest_marker("long") is not None
-        is_fault = item.get_closest_marker("faults") is not None
+        is_fault = any(item.get_closest_marker(name) is not None for name in ("faults", "calendar_free"))
         (left_out if (is_long and not long_wanted) or (is_fault and clock_shifted) else kept).append(item)
     if left_out:
         config.hook.pytest_deselected(items=left_out)

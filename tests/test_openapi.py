@@ -523,6 +523,7 @@ def _dispose_schemathesis_app() -> Iterator[None]:
     _STORE_DIR.cleanup()
 
 
+@pytest.mark.calendar_free
 @SCHEMA.parametrize()
 @CI_SETTINGS
 def test_schemathesis(case: schemathesis.Case[Any]) -> None:
@@ -531,6 +532,7 @@ def test_schemathesis(case: schemathesis.Case[Any]) -> None:
         case.call_and_validate(checks=CHECKS)
 
 
+@pytest.mark.calendar_free
 @FEEDBACK_SCHEMA.parametrize()
 @settings(CI_SETTINGS, max_examples=25, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 def test_schemathesis_documented_valid_feedback_is_accepted(case: schemathesis.Case[Any]) -> None:
