@@ -347,3 +347,33 @@ def foscarnet_proposal(lead: str, alternative: Regimen) -> list[str]:
         "",
         FOSCARNET_HYDRATION,
     ]
+
+
+def proposal_lines(lead: str, alternative: Regimen, today: dt.date) -> list[str]:
+    """Detail lines proposing a regimen: what, how it was computed, foscarnet's hydration, stale inputs."""
+    lines = [f"{lead}{alternative.drug} {regimen_text(alternative)}.", "", "**Computation**"]
+    lines += computation_lines(alternative)
+    if alternative.drug == "foscarnet":
+        lines += ["", FOSCARNET_HYDRATION]
+    return lines + stale_lines(alternative.stale, today)
+
+
+def replace_order(
+    ctx: Context, order: OrderFact, alternative: Regimen | Missing | NotRecommended
+) -> tuple[list[str], list[Suggestion]]:
+    """The detail lines and suggestions of a card that steers the selected order to another drug: remove the draft
+    and order the alternative, renally dosed; or, where the alternative cannot be dosed, say why, still offer to
+    remove the draft, and order the labs its dose needs."""
+    if isinstance(alternative, Regimen):
+        detail = ["", *proposal_lines("**Proposed instead:** ", alternative, ctx.facts.today)]
+        replace = Suggestion(
+            f"Replace with {alternative.summary_text()}",
+            (delete_action(order), create_action(ctx, alternative)),
+            is_recommended=True,
+        )
+        return detail, [replace, *stale_suggestions(ctx, alternative.stale)]
+    detail = ["", f"**The alternative is IV {alternative.drug}**, but it cannot be dosed now:"]
+    detail += alternative_unavailable(alternative)[2:]
+    remove = Suggestion(f"Remove the selected {order.drug} order", (delete_action(order),), is_recommended=True)
+    labs = missing_lab_suggestions(ctx, alternative.items) if isinstance(alternative, Missing) else []
+    return detail, [remove, *labs]

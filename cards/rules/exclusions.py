@@ -8,21 +8,14 @@ from collections.abc import Sequence
 from cards.dosing import Drug
 from cards.model import Card, Suggestion
 from cards.orders import OrderFact
-from cards.regimen import Missing, MissingItem, NotRecommended, Regimen
+from cards.regimen import MissingItem, NotRecommended, Regimen
 from cards.rules.common import (
     Context,
-    alternative_unavailable,
     card,
-    computation_lines,
-    create_action,
     delete_action,
-    foscarnet_proposal,
     low_counts,
-    missing_lab_suggestions,
     missing_lines,
-    regimen_text,
-    stale_lines,
-    stale_suggestions,
+    replace_order,
 )
 from cards.sources import LABELS, PRODUCT_POLICY, policy, source_line
 
@@ -67,32 +60,13 @@ def myelosuppression(ctx: Context, order: OrderFact) -> list[Card]:
         f"**Avoid {order.drug}:** the label says it should be avoided below these counts:",
         *[f"- {line}" for line in low],
     ]
-    delete = Suggestion(f"Remove the selected {order.drug} order", (delete_action(order),), is_recommended=True)
+    lines, suggestions = replace_order(ctx, order, alternative)
+    detail += lines
+    low_text = low[0].split(" on ")[0]
     if isinstance(alternative, Regimen):
-        detail += ["", *foscarnet_proposal("**Proposed instead:** ", alternative)]
-        detail += stale_lines(alternative.stale, ctx.facts.today)
-        suggestions = [
-            Suggestion(
-                f"Replace with foscarnet {alternative.dose_mg:g} mg IV {alternative.schedule.text}",
-                (delete_action(order), create_action(ctx, alternative)),
-                is_recommended=True,
-            ),
-            *stale_suggestions(ctx, alternative.stale),
-        ]
-        summary = (
-            f"Avoid {order.drug}: {low[0].split(' on ')[0]}; "
-            f"foscarnet {alternative.dose_mg:g} mg IV {alternative.schedule.text}"
-        )
+        summary = f"Avoid {order.drug}: {low_text}; foscarnet {alternative.dose_mg:g} mg IV {alternative.schedule.text}"
     else:
-        detail += [
-            "",
-            "**The alternative is foscarnet** (IV, renally dosed), but it cannot be dosed now:",
-            *alternative_unavailable(alternative)[2:],
-        ]
-        suggestions = [delete]
-        if isinstance(alternative, Missing):
-            suggestions += missing_lab_suggestions(ctx, alternative.items)
-        summary = f"Avoid {order.drug}: {low[0].split(' on ')[0]}; use foscarnet instead (dose needs more data)"
+        summary = f"Avoid {order.drug}: {low_text}; use foscarnet instead (dose needs more data)"
     detail += [
         "",
         source_line(LABELS[order.drug].section("§5.1 Hematologic Toxicity"), policy(9)),
@@ -118,35 +92,13 @@ def valganciclovir_not_recommended(ctx: Context, order: OrderFact) -> list[Card]
     )
     detail = [f"**Valganciclovir is not recommended for this patient:** {reason}.", "", *computation_text(verdict)]
     gcv = ctx.regimen("ganciclovir", phase)
-    suggestions: list[Suggestion] = []
+    lines, suggestions = replace_order(ctx, order, gcv)
+    detail += lines
+    why = "dialysis" if facts.dialysis else "CrCl < 10"
     if isinstance(gcv, Regimen):
-        detail += [
-            "",
-            f"**Proposed instead:** ganciclovir {regimen_text(gcv)}.",
-            "",
-            "**Computation**",
-            *computation_lines(gcv),
-            *stale_lines(gcv.stale, facts.today),
-        ]
-        suggestions.append(
-            Suggestion(
-                f"Replace with ganciclovir {gcv.dose_mg:g} mg IV {gcv.schedule.text}",
-                (delete_action(order), create_action(ctx, gcv)),
-                is_recommended=True,
-            )
-        )
-        suggestions += stale_suggestions(ctx, gcv.stale)
-        why = "dialysis" if facts.dialysis else "CrCl < 10"
         summary = f"Valganciclovir not recommended ({why}): IV ganciclovir {gcv.dose_mg:g} mg {gcv.schedule.text}"
     else:
-        detail += ["", "**The alternative is IV ganciclovir**, but it cannot be dosed now:"]
-        detail += alternative_unavailable(gcv)[2:]
-        suggestions.append(
-            Suggestion("Remove the selected valganciclovir order", (delete_action(order),), is_recommended=True)
-        )
-        if isinstance(gcv, Missing):
-            suggestions += missing_lab_suggestions(ctx, gcv.items)
-        summary = "Valganciclovir not recommended here; use IV ganciclovir (dose needs more data)"
+        summary = f"Valganciclovir not recommended ({why}); use IV ganciclovir (dose needs more data)"
     detail += also_missing(verdict.missing)
     detail += [
         "",

@@ -17,12 +17,11 @@ from cards.rules.common import (
     computation_lines,
     create_action,
     delete_action,
-    foscarnet_proposal,
     low_counts,
     missing_lab_suggestions,
+    proposal_lines,
     regimen_text,
-    stale_lines,
-    stale_suggestions,
+    replace_order,
     update_action,
     viral_load_trend,
     vl_text,
@@ -69,7 +68,7 @@ def resistance(ctx: Context, order: OrderFact) -> list[Card]:
     detail = ["**Suspected ganciclovir resistance:**", *[f"- {r}" for r in reasons], ""]
     suggestions = []
     if isinstance(alternative, Regimen):
-        detail += foscarnet_proposal("**Proposed:** genotypic resistance testing and ", alternative)
+        detail += proposal_lines("**Proposed:** genotypic resistance testing and ", alternative, facts.today)
         suggestions.append(
             Suggestion(
                 f"Genotype and switch to foscarnet {alternative.dose_mg:g} mg IV {alternative.schedule.text}",
@@ -200,28 +199,11 @@ def valganciclovir_to_iv(ctx: Context, order: OrderFact) -> list[Card]:
     if not reasons:
         return []
     gcv = ctx.regimen("ganciclovir", phase)
-    detail = ["**Oral valganciclovir is not advised as initial therapy here:**", *[f"- {r}" for r in reasons], ""]
-    suggestions = []
+    lines, suggestions = replace_order(ctx, order, gcv)
+    detail = ["**Oral valganciclovir is not advised as initial therapy here:**", *[f"- {r}" for r in reasons], *lines]
     if isinstance(gcv, Regimen):
-        detail += [
-            f"**Proposed instead:** ganciclovir {regimen_text(gcv)}.",
-            "",
-            "**Computation**",
-            *computation_lines(gcv),
-            *stale_lines(gcv.stale, ctx.facts.today),
-        ]
-        suggestions.append(
-            Suggestion(
-                f"Replace with ganciclovir {gcv.dose_mg:g} mg IV {gcv.schedule.text}",
-                (delete_action(order), create_action(ctx, gcv)),
-                is_recommended=True,
-            )
-        )
-        suggestions += stale_suggestions(ctx, gcv.stale)
         summary = f"Use IV ganciclovir {gcv.dose_mg:g} mg {gcv.schedule.text} instead of oral valganciclovir"
     else:
-        detail += alternative_unavailable(gcv)
-        suggestions += missing_lab_suggestions(ctx, gcv.items) if isinstance(gcv, Missing) else []
         summary = "Use IV ganciclovir instead of oral valganciclovir (dose needs missing data)"
     detail += ["", source_line(KOTTON_2025, SEED_DISSEMINATED, policy(9))]
     return [
