@@ -58,10 +58,13 @@ fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-.venv/bin/python -m pytest -q "$@"
+# The suite on the machine's cores (pytest-xdist; at most 4 processes: every test starts its own servers on free
+# ports and tmp directories, so the tests are independent of each other).
+PYTEST=(.venv/bin/python -m pytest -q --numprocesses=auto --maxprocesses=4)
+"${PYTEST[@]}" "$@"
 
 # The same suite with the wall clock of every Python process a year and a month ahead (tests/clock_shift):
 # no test may depend on today's date. The monotonic clock stays real, so deadlines behave as in production.
 echo "== the suite again, with the clock 400 days ahead" >&2
 PYTHONPATH="$PWD/tests/clock_shift${PYTHONPATH:+:$PYTHONPATH}" TEST_CLOCK_SHIFT_DAYS=400 \
-  .venv/bin/python -m pytest -q -W "ignore:Module already imported so cannot be rewritten:pytest.PytestAssertRewriteWarning" "$@"
+  "${PYTEST[@]}" -W "ignore:Module already imported so cannot be rewritten:pytest.PytestAssertRewriteWarning" "$@"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -39,6 +40,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if left_out:
         config.hook.pytest_deselected(items=left_out)
         items[:] = kept
+
+
+@functools.cache
+def _sensitive() -> frozenset[str]:
+    return frozenset(sensitive_strings())
+
+
+@pytest.fixture(autouse=True)
+def _no_patient_data_in_logs() -> Iterator[None]:
+    """Fail the test during which the service logged fixture patient data. Per test, so that the guard holds when
+    the suite runs in several processes (pytest-xdist); the session check below catches lines logged between
+    tests."""
+    first = len(CAPTURE.lines)
+    yield
+    found = leaks(CAPTURE.lines[first:], _sensitive())
+    if found:
+        pytest.fail(f"patient data in {len(found)} log line(s), e.g.: {found[0][:300]}")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

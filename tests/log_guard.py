@@ -61,7 +61,7 @@ def sensitive_strings(today: dt.date | None = None) -> set[str]:
     return found
 
 
-def leaks(lines: list[str], sensitive: set[str]) -> list[str]:
+def leaks(lines: list[str], sensitive: set[str] | frozenset[str]) -> list[str]:
     """Log lines that carry a sensitive string or a raw FHIR resource."""
     bad = []
     for line in lines:
