@@ -380,7 +380,13 @@ def test_two_worker_processes_share_one_sqlite_file(tmp_path: Path) -> None:
         )
         for name in ("w1", "w2")
     ]
-    outputs = [worker.communicate(timeout=60)[0] for worker in workers]
+    try:
+        outputs = [worker.communicate(timeout=60)[0] for worker in workers]
+    finally:
+        for worker in workers:  # a worker that timed out must not outlive the test
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait(timeout=10)
 
     assert [worker.returncode for worker in workers] == [0, 0], outputs
     store = FeedbackStore(url)
