@@ -100,12 +100,38 @@ def medication_concept(request: Mapping[str, Any]) -> Any:
     return None
 
 
+# A local (non-systemic) route or form, read from the route's text or display, the dosage text, or the medication's
+# name: ganciclovir ophthalmic gel or an intravitreal implant, tacrolimus ointment.
+_LOCAL = re.compile(
+    r"\b(topical\w*|ophthalmic|intravitreal|intraocular|eye|cutaneous|dermal|transdermal|skin|ointment|cream"
+    r"|lotion|gel|drops?|implant|mouthwash|rinse)\b",
+    re.IGNORECASE,
+)
+
+
+def _is_local(request: Mapping[str, Any]) -> bool:
+    dosage = _first_dosage(request)
+    route = dosage.get("route")
+    texts = [*concept_texts(route), *concept_texts(medication_concept(request))]
+    if isinstance(dosage.get("text"), str):
+        texts.append(dosage["text"])
+    return any(_LOCAL.search(text) for text in texts)
+
+
 def medication_sets(request: Mapping[str, Any]) -> frozenset[str]:
-    """The drug code sets (``DRUG_SETS``) a MedicationRequest's medication is in (``concept_in``)."""
-    return concept_sets(medication_concept(request)).matched & _DRUG_SET_NAMES
+    """The drug code sets (``DRUG_SETS``) a MedicationRequest's medication is in (``concept_in``), less those its
+    route rules out: ganciclovir counts only as the IV drug (or a draft with no route yet), an immunosuppressant
+    only when it is not applied locally (tacrolimus ointment does not suppress immunity)."""
+    sets = concept_sets(medication_concept(request)).matched & _DRUG_SET_NAMES
+    if "Ganciclovir" in sets and (medication_route(request) in ("other", "oral") or _is_local(request)):
+        sets -= {"Ganciclovir"}
+    if "Immunosuppressants" in sets and _is_local(request):
+        sets -= {"Immunosuppressants"}
+    return sets
 
 
 def medication_fact(request: Mapping[str, Any], *, draft: bool) -> MedicationFact | None:
+    """The order as the rules read it (drug sets, exposure window, route), or None for a drug no rule concerns."""
     sets = medication_sets(request)
     if not sets:
         return None
@@ -137,6 +163,11 @@ _TIMING_CODES: dict[str, float] = {  # doses per hour for common HL7 v3 GTSAbbre
 }
 _PERIOD_HOURS = {"h": 1.0, "d": 24.0, "wk": 168.0, "min": 1 / 60, "s": 1 / 3600, "mo": 720.0}
 _MAINTENANCE = re.compile(r"\bmaintenance\b", re.IGNORECASE)
+# Wording that makes "maintenance" not the regimen now: a sequence ("900 mg twice daily for 21 days, then 900 mg
+# daily maintenance" begins with induction) or a negation ("not maintenance", "non-maintenance").
+_NOT_MAINTENANCE_NOW = re.compile(
+    r"\b(induction|then|followed by|after which|thereafter)\b|\b(not|no|non)[\s-]+(a\s+)?maintenance\b", re.IGNORECASE
+)
 
 
 def read_draft_dose(order: Mapping[str, Any], weight_kg: float | None) -> DraftDose:
@@ -179,7 +210,8 @@ def read_draft_dose(order: Mapping[str, Any], weight_kg: float | None) -> DraftD
 
 
 def says_maintenance(order: Mapping[str, Any]) -> bool:
-    """The draft says in its dosage text, notes or course of therapy that it is a maintenance regimen."""
+    """The draft says in its dosage text, notes or course of therapy that it is a maintenance regimen, and nothing
+    there says it begins with induction or is not maintenance."""
     texts: list[str] = []
     for key in ("dosageInstruction", "note"):
         items = order.get(key)
@@ -187,7 +219,9 @@ def says_maintenance(order: Mapping[str, Any]) -> bool:
             if isinstance(item, dict) and isinstance(item.get("text"), str):
                 texts.append(item["text"])
     texts += concept_texts(order.get("courseOfTherapyType"))
-    return any(_MAINTENANCE.search(text) for text in texts)
+    return any(_MAINTENANCE.search(text) for text in texts) and not any(
+        _NOT_MAINTENANCE_NOW.search(text) for text in texts
+    )
 
 
 _DRUGS: tuple[tuple[str, Drug], ...] = (
@@ -202,14 +236,9 @@ def cmv_drug(order: Mapping[str, Any]) -> Drug | None:
     """The CMV antiviral a MedicationRequest orders, by RxNorm code or name; None otherwise.
 
     Ganciclovir by a route other than IV (ophthalmic gel, intravitreal implant) is not systemic therapy
-    and is not this service's concern; a draft without a route yet is taken as the IV drug.
+    and is not this service's concern (``medication_sets``); a draft without a route yet is taken as the IV drug.
     """
     if order.get("resourceType") != "MedicationRequest":
         return None
     sets = medication_sets(order)
-    for set_name, drug in _DRUGS:
-        if set_name in sets:
-            if drug == "ganciclovir" and medication_route(order) in ("other", "oral"):
-                return None
-            return drug
-    return None
+    return next((drug for set_name, drug in _DRUGS if set_name in sets), None)

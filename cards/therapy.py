@@ -24,6 +24,8 @@ Route = Literal["iv", "oral", "other", "unknown"]
 # Statuses whose orders may still be running when they carry no end date.
 ONGOING_STATUSES = frozenset({"active", "on-hold", "draft", "unknown"})
 NEVER_GIVEN_STATUSES = frozenset({"entered-in-error"})
+# Orders that are not therapy given: drafts (not yet signed) and orders withdrawn before any administration.
+NOT_GIVEN_STATUSES = frozenset({"entered-in-error", "cancelled", "draft"})
 # Orders of (val)ganciclovir belong to one course when each starts within this many days of the end of the
 # one before (docs/policy.md §8: a weekend between induction and maintenance does not end the course).
 COURSE_GAP_DAYS = 3
@@ -45,6 +47,13 @@ class MedicationFact:
     end: dt.date | None
     route: Route
     draft: bool
+
+    @property
+    def given(self) -> bool:
+        """Counts as therapy given (courses, completed induction, resistance): not a draft, nor an order that was
+        never carried out (cancelled, entered in error) — unlike exposure, which counts a cancelled order on its
+        start date to be safe (docs/policy.md §7)."""
+        return not self.draft and self.status not in NOT_GIVEN_STATUSES
 
     def active_on(self, day: dt.date) -> bool:
         """Could have been given on ``day``."""
@@ -72,6 +81,15 @@ def _duration_days(duration: Any) -> float | None:
     return value * factor if factor is not None else None
 
 
+def _after(start: dt.date, days: float) -> dt.date | None:
+    """``start`` plus a course of ``days`` days (a 21-day course ends on its 21st day); None when the sum leaves
+    the calendar (a malformed duration, or a sentinel date such as 9999-12-31)."""
+    try:
+        return start + dt.timedelta(days=max(0, int(days + 0.5) - 1))
+    except (OverflowError, ValueError):
+        return None
+
+
 def exposure_window(order: Mapping[str, Any], status: str) -> tuple[dt.date | None, dt.date | None]:
     """(start, end) of a MedicationRequest under the module's rule; end None means ongoing."""
     bounds_start = bounds_end = None
@@ -87,14 +105,15 @@ def exposure_window(order: Mapping[str, Any], status: str) -> tuple[dt.date | No
             bounds_start = bounds_start or parse_date(period.get("start"))
             bounds_end = bounds_end or parse_date(period.get("end"))
         duration = duration if duration is not None else _duration_days(repeat.get("boundsDuration"))
-    start = bounds_start or parse_date(order.get("authoredOn"))
+    dispense = order.get("dispenseRequest")
+    validity = dispense.get("validityPeriod") if isinstance(dispense, dict) else None
+    validity = validity if isinstance(validity, dict) else {}
+    start = bounds_start or parse_date(order.get("authoredOn")) or parse_date(validity.get("start"))
     end = bounds_end
     if end is None and start is not None and duration is not None:
-        end = start + dt.timedelta(days=max(0, round(duration) - 1))  # a 21-day course ends on its 21st day
+        end = _after(start, duration)
     if end is None:
-        dispense = order.get("dispenseRequest")
-        validity = dispense.get("validityPeriod") if isinstance(dispense, dict) else None
-        end = parse_date(validity.get("end")) if isinstance(validity, dict) else None
+        end = parse_date(validity.get("end"))
     if end is None and status not in ONGOING_STATUSES:
         end = start  # stopped / completed / cancelled with no end date: its start date only
     if start is not None and end is not None and end < start:
@@ -118,37 +137,35 @@ def current_course(
     medications: Iterable[MedicationFact], sets: Sequence[str], today: dt.date, gap_days: int
 ) -> Course | None:
     """The course of the drugs in ``sets`` that is ongoing, or ended at most ``gap_days`` ago: orders linked
-    when each starts within ``gap_days`` of the previous end. Draft orders are not therapy given."""
-    orders = sorted(
-        (
-            m
-            for m in medications
-            if not m.draft
-            and m.start is not None
-            and m.status not in NEVER_GIVEN_STATUSES
-            and not m.sets.isdisjoint(sets)
-        ),
-        key=lambda m: m.start or dt.date.min,
+    when each starts within ``gap_days`` of the previous end. Only therapy given counts (``MedicationFact.given``),
+    and a stopped order whose planned end is still ahead counts to its start date only: when it stopped is unknown."""
+    spans = sorted(
+        (m.start, _given_end(m, today))
+        for m in medications
+        if m.given and m.start is not None and not m.sets.isdisjoint(sets)
     )
     courses: list[Course] = []
-    for order in orders:
-        assert order.start is not None
+    for start, end in spans:
         last = courses[-1] if courses else None
-        if last is not None and (last.end is None or order.start <= last.end + dt.timedelta(days=gap_days)):
-            last.end = None if last.end is None or order.end is None else max(last.end, order.end)
+        if last is not None and (last.end is None or start <= last.end + dt.timedelta(days=gap_days)):
+            last.end = None if last.end is None or end is None else max(last.end, end)
         else:
-            courses.append(Course(order.start, order.end, 0))
+            courses.append(Course(start, end, 0))
     if not courses:
         return None
     course = courses[-1]
     if course.end is not None and course.end < today - dt.timedelta(days=gap_days):
         return None
     course.days_given = _days_covered(
-        (m.start, min(m.end or today, today))
-        for m in orders
-        if m.start is not None and course.start <= m.start <= today
+        (start, min(end or today, today)) for start, end in spans if course.start <= start <= today
     )
     return course
+
+
+def _given_end(order: MedicationFact, today: dt.date) -> dt.date | None:
+    if order.status == "stopped" and (order.end is None or order.end > today):
+        return order.start
+    return order.end
 
 
 def _days_covered(intervals: Iterable[tuple[dt.date, dt.date]]) -> int:
