@@ -52,7 +52,13 @@ _IGNORED_STATUSES = frozenset({"entered-in-error", "cancelled"})
 _ACTIVE_CONDITION = frozenset({"active", "recurrence", "relapse"})
 _EXCLUDED_VERIFICATION = frozenset({"refuted", "entered-in-error"})
 
-_UNDETECTED = re.compile(r"\b(not detected|undetect\w*|negative|below|<\s*lloq|none detected)\b", re.IGNORECASE)
+# A result that reports nothing found: "not detected", "No CMV DNA detected", "no resistance mutations detected",
+# "wild type", "not found", "negative", "below the limit".
+_UNDETECTED = re.compile(
+    r"\b(not detected|undetect\w*|negative|below|<\s*lloq|none detected|not found|wild[- ]?type"
+    r"|no\b[\w\s,/-]{0,60}?\b(detected|found|identified))\b",
+    re.IGNORECASE,
+)
 _DETECTED = re.compile(r"\b(detected|positive|reactive)\b", re.IGNORECASE)
 _MUTATION = re.compile(r"\b[A-Z]\d{3}[A-Z]\b")
 
@@ -143,9 +149,32 @@ class Measurement:
     stale: bool
     code: str = ""  # e.g. "LOINC 38483-4 Creatinine [Mass/volume] in Blood", or how it was recognised
     reading: str = ""  # a test-strip reading as reported ("2+"), when the value is its nominal equivalent
+    comparator: str = ""  # "<", "<=", ">=" or ">" when the result is a bound ("< 0.2 mg/dL"), not a value
 
     def age_days(self, today: dt.date) -> int:
+        """Days from the result's date to ``today``."""
         return (today - self.date).days
+
+    def shown(self) -> str:
+        """The value as reported, with its comparator ("< 100", "2,000")."""
+        return f"{self.comparator} {self.value:,.6g}".strip()
+
+    def below(self, limit: float) -> bool | None:
+        """Whether the true value is < ``limit``: True or False when the result proves it, None when a bound leaves
+        it open ("< 600" for a limit of 500)."""
+        if not self.comparator:
+            return self.value < limit
+        if self.comparator in ("<", "<="):
+            return True if self.value < limit or (self.comparator == "<" and self.value == limit) else None
+        return False if self.value >= limit else None  # "> v" or ">= v" with v ≥ limit
+
+    def above(self, limit: float) -> bool | None:
+        """Whether the true value is > ``limit``: True or False when the result proves it, None when left open."""
+        if not self.comparator:
+            return self.value > limit
+        if self.comparator in (">", ">="):
+            return True if self.value > limit or (self.comparator == ">" and self.value == limit) else None
+        return False if self.value <= limit else None  # "< v" or "<= v" with v ≤ limit
 
 
 @dataclass(slots=True)
@@ -316,7 +345,7 @@ class _FactBuilder:
         selected_orders: Iterable[Mapping[str, Any]],
     ) -> PatientFacts:
         facts = self.facts
-        medications: dict[str, MedicationFact] = {}
+        medications: list[MedicationFact] = []  # one per resource (an id-less order is its own)
         seen: set[tuple[str, str]] = set()
         for resource in resources:
             if not isinstance(resource, dict):
@@ -334,15 +363,15 @@ class _FactBuilder:
             elif kind == "MedicationRequest":
                 fact = medication_fact(resource, draft=False)
                 if fact is not None:
-                    medications[fact.source] = fact
+                    medications.append(fact)
             elif kind == "Patient" and ident == self.patient_id:
                 self._patient(resource)
         for order in other_draft_orders:
             if isinstance(order, dict) and order.get("resourceType") == "MedicationRequest":
                 fact = medication_fact(order, draft=True)
                 if fact is not None:
-                    medications[f"draft {fact.source}"] = fact
-        facts.medications = tuple(medications.values())
+                    medications.append(fact)
+        facts.medications = tuple(medications)
         self._labs()
         self._loads.sort(key=lambda item: item[0])  # stable: same-instant results keep their order
         facts.viral_loads = tuple(load for _, load in self._loads)
@@ -385,7 +414,9 @@ class _FactBuilder:
                 self._pregnancy_tests.append(_Latest(instant, observation))
             elif set_name == "CmvResistance" and self.facts.resistance is None:
                 values = _value_texts(observation)
-                if any(_MUTATION.search(v) for v in values) or _reads_detected(observation):
+                # A mutation named in a report of none found ("no mutation detected at codons M460V…") is not one.
+                found = any(_MUTATION.search(v) for v in values) or _reads_detected(observation)
+                if found and not _reads_undetectable(observation):
                     self.facts.resistance = Evidence(
                         reference_of(observation), instant.date(), "UL97/UL54 mutation reported"
                     )
@@ -467,6 +498,9 @@ def _active_condition(condition: Mapping[str, Any], today: dt.date) -> bool:
     return abated is None or abated > today
 
 
+_COMPARATORS = frozenset({"<", "<=", ">=", ">"})  # FHIR Quantity.comparator ("ad" is a unit claim, not a bound)
+
+
 def _measure(latest: _Latest, family: LabFamily, today: dt.date) -> Measurement | Unusable:
     """The latest result of a family in its canonical unit, or why it cannot be used."""
     when, observation = latest.instant.date(), latest.observation
@@ -490,7 +524,9 @@ def _measure(latest: _Latest, family: LabFamily, today: dt.date) -> Measurement 
         reason = f"value {value:.4g} {family.unit} outside the plausible range {low:g}–{high:g} {family.unit}"
         return Unusable(reason=reason, source=source, date=when, code=code)
     stale = family.freshness_days is not None and (today - when).days > family.freshness_days
-    return Measurement(value, family.unit, when, source, stale, code, reading)
+    comparator = quantity.get("comparator") if isinstance(quantity, dict) else None
+    comparator = comparator if comparator in _COMPARATORS else ""
+    return Measurement(value, family.unit, when, source, stale, code, reading, comparator)
 
 
 def _ordinal_reading(observation: Mapping[str, Any], scale: Mapping[str, float]) -> tuple[str, float | None]:

@@ -95,7 +95,7 @@ class Regimen:
 def describe(label: str, m: Measurement, today: dt.date, window: int | None) -> str:
     """One computation line: value, unit, date, source, code used, and staleness (docs/policy.md §2)."""
     stale = f" — STALE: {m.age_days(today)} days old (window {window} days)" if window is not None and m.stale else ""
-    reading = f"{m.reading} (≈ {m.value:g} {m.unit})" if m.reading else f"{m.value:.4g} {m.unit}"
+    reading = f"{m.reading} (≈ {m.value:g} {m.unit})" if m.reading else f"{m.comparator}{m.value:.4g} {m.unit}"
     code = f"; {m.code}" if m.code else ""
     return f"{label}: {reading} on {m.date.isoformat()} ({m.source}{code}){stale}"
 
@@ -126,6 +126,14 @@ def _input(
         )
     if value.value < 0 or (value.value == 0 and not zero_allowed):
         return MissingItem(label, f"latest result ({value.date.isoformat()}) is not a positive number", lab_set)
+    if value.comparator and not zero_allowed:
+        # A dose is computed from a value, not a bound: "< 0.3 mg/dL" does not say how high the clearance is.
+        return MissingItem(
+            label,
+            f"latest result ({value.date.isoformat()}, {value.source}) is a bound, "
+            f"'{value.shown()} {value.unit}', not a value",
+            lab_set,
+        )
     return value
 
 
@@ -189,12 +197,11 @@ def cidofovir_criteria(facts: PatientFacts, renal: RenalInputs) -> CidofovirChec
     check = CidofovirCheck([], [], [])
     if facts.dialysis is not None:
         check.failed.append(f"dialysis-dependent ({facts.dialysis.source}): CrCl > 55 mL/min cannot be met")
-    if isinstance(renal.scr, Measurement):
-        if renal.scr.value > dosing.CIDOFOVIR_MAX_SCR_MG_DL:
-            check.failed.append(
-                f"serum creatinine {renal.scr.value:.2f} mg/dL > {dosing.CIDOFOVIR_MAX_SCR_MG_DL} mg/dL"
-            )
-    else:
+    scr = facts.lab("creatinine")  # a bound (> 2 mg/dL) proves this criterion though it cannot dose
+    if isinstance(scr, Measurement) and scr.above(dosing.CIDOFOVIR_MAX_SCR_MG_DL):
+        shown = f"{scr.comparator} {scr.value:.2f}".strip()
+        check.failed.append(f"serum creatinine {shown} mg/dL > {dosing.CIDOFOVIR_MAX_SCR_MG_DL} mg/dL")
+    elif isinstance(renal.scr, MissingItem):
         check.missing.append(renal.scr)
     if renal.clearance is not None:
         if renal.clearance.ml_min <= dosing.CIDOFOVIR_MIN_CRCL_ML_MIN:
@@ -204,13 +211,19 @@ def cidofovir_criteria(facts: PatientFacts, renal: RenalInputs) -> CidofovirChec
     elif renal.age is None:
         check.missing.append(_age_missing())
     protein = _input(facts, "urine_protein", "UrineProtein", zero_allowed=True)
-    if isinstance(protein, Measurement):
-        shown = f"{protein.reading} (test strip)" if protein.reading else f"{protein.value:g} mg/dL"
-        if protein.value >= dosing.CIDOFOVIR_MAX_URINE_PROTEIN_MG_DL:
-            limit = dosing.CIDOFOVIR_MAX_URINE_PROTEIN_MG_DL
-            check.failed.append(f"urine protein {shown} ≥ {limit:g} mg/dL (2+)")
-        else:
-            check.met.append(describe("Urine protein", protein, facts.today, None))
+    limit = dosing.CIDOFOVIR_MAX_URINE_PROTEIN_MG_DL
+    below = protein.below(limit) if isinstance(protein, Measurement) else None
+    if isinstance(protein, Measurement) and below is False:
+        shown = f"{protein.reading} (test strip)" if protein.reading else f"{protein.shown()} mg/dL"
+        check.failed.append(f"urine protein {shown} ≥ {limit:g} mg/dL (2+)")
+    elif isinstance(protein, Measurement) and below:
+        check.met.append(describe("Urine protein", protein, facts.today, None))
+    elif isinstance(protein, Measurement):
+        reason = (
+            f"latest result ({protein.date.isoformat()}, {protein.source}) '{protein.shown()} mg/dL' does not say "
+            f"whether it is below {limit:g} mg/dL"
+        )
+        check.missing.append(MissingItem(FAMILY_BY_FACT["urine_protein"].label, reason, "UrineProtein"))
     else:
         check.missing.append(protein)
     lookback = facts.today - dt.timedelta(days=NEPHROTOXIC_LOOKBACK_DAYS)

@@ -1,4 +1,4 @@
-"""Unit conversion for the values the rules read (docs/policy.md §2: an unknown unit is missing, never guessed).
+"""Unit conversion for the values the rules read (docs/policy.md §3: an unknown unit is missing, never guessed).
 
 Units are recognised by UCUM code first, then by the printed unit. Each table maps a unit to the
 factor that converts it to the canonical unit of the quantity.
@@ -9,16 +9,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-# Serum creatinine → mg/dL. µmol/L ÷ 88.4 (docs/policy.md §2; docs/clinical-basis.md §6).
+# Serum creatinine → mg/dL. µmol/L ÷ 88.4 (docs/policy.md §3; docs/clinical-basis.md §6).
 CREATININE_UMOL_PER_MG_DL = 88.4
 CREATININE_TO_MG_DL: dict[str, float] = {
     "mg/dl": 1.0,
+    "mg/l": 0.1,
     "umol/l": 1.0 / CREATININE_UMOL_PER_MG_DL,
-    "µmol/l": 1.0 / CREATININE_UMOL_PER_MG_DL,
-    "μmol/l": 1.0 / CREATININE_UMOL_PER_MG_DL,
 }
 
-# Body weight → kg: kg, g or lb ([lb_av]) per docs/policy.md §2. 0.45359237 kg is the UCUM definition of
+# Body weight → kg: kg, g or lb ([lb_av]) per docs/policy.md §3. 0.45359237 kg is the UCUM definition of
 # [lb_av] (the international avoirdupois pound); the reference names the unit, not the factor.
 KG_PER_LB = 0.45359237
 WEIGHT_TO_KG: dict[str, float] = {
@@ -34,22 +33,30 @@ WEIGHT_TO_KG: dict[str, float] = {
 CM_PER_INCH = 2.54
 HEIGHT_TO_CM: dict[str, float] = {"cm": 1.0, "m": 100.0, "[in_i]": CM_PER_INCH, "in": CM_PER_INCH}
 
-# Blood counts → cells/µL: /uL, 10*3/uL or 10*9/L (docs/policy.md §2). 10^9/L = 10^3/µL.
+# Blood counts → cells/µL: /uL, 10*3/uL or 10*9/L (docs/policy.md §3). 10^9/L = 10^3/µL.
 COUNT_TO_PER_UL: dict[str, float] = {
     "/ul": 1.0,
-    "/µl": 1.0,
-    "/μl": 1.0,
     "{cells}/ul": 1.0,
     "cells/ul": 1.0,
     "/mm3": 1.0,
     "10*3/ul": 1000.0,
     "10^3/ul": 1000.0,
+    "x10*3/ul": 1000.0,
+    "x10^3/ul": 1000.0,
+    "x10e3/ul": 1000.0,
+    "10e3/ul": 1000.0,
+    "10*3/mm3": 1000.0,
     "k/ul": 1000.0,
+    "thou/ul": 1000.0,
     "10*9/l": 1000.0,
     "10^9/l": 1000.0,
+    "x10*9/l": 1000.0,
+    "x10^9/l": 1000.0,
+    "x10e9/l": 1000.0,
+    "10e9/l": 1000.0,
 }
 
-# Hemoglobin → g/dL: g/dL or g/L (docs/policy.md §2).
+# Hemoglobin → g/dL: g/dL or g/L (docs/policy.md §3).
 HEMOGLOBIN_TO_G_DL: dict[str, float] = {"g/dl": 1.0, "g/l": 0.1}
 
 # Urine protein → mg/dL: the cidofovir label's unit (docs/clinical-basis.md §5.2, "< 100 mg/dL"); g/L is
@@ -99,6 +106,12 @@ VIRAL_LOAD_TO_IU_ML: dict[str, float] = {"[iu]/ml": 1.0, "iu/ml": 1.0}
 VIRAL_LOAD_COPIES: dict[str, float] = {"{copies}/ml": 1.0, "copies/ml": 1.0, "1/ml": 1.0}  # UCUM 1/mL: a count per mL
 
 
+def unit_key(unit: str) -> str:
+    """A unit as the tables write it: lower case, no spaces, micro as "u" ("µmol/L", "μmol/L" → "umol/l"),
+    a multiplication sign as "x" ("×10^9/L" → "x10^9/l")."""
+    return "".join(unit.split()).lower().replace("µ", "u").replace("μ", "u").replace("×", "x")
+
+
 def quantity_in(quantity: Any, table: Mapping[str, float]) -> float | None:
     """The value of a FHIR Quantity converted by ``table``; None if absent, non-numeric or unknown unit."""
     if not isinstance(quantity, dict):
@@ -114,7 +127,7 @@ def quantity_in(quantity: Any, table: Mapping[str, float]) -> float | None:
         return None
     for key in (quantity.get("code"), quantity.get("unit")):
         if isinstance(key, str):
-            factor = table.get(key.strip().lower())
+            factor = table.get(unit_key(key))
             if factor is not None:
                 return number * factor
     return None
