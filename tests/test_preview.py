@@ -335,22 +335,31 @@ class ExampleFacts:
 
 
 def example_facts(path: Path, today: dt.date) -> ExampleFacts:
-    """The patient's age in completed years and the "Repeat …" suggestions the example earns on ``today``: a
-    serum creatinine older than 7 days is repeated (policy §2; a stale weight is flagged but not ordered)."""
+    """The patient's age in completed years and the suggestions after "Update order" the example earns on
+    ``today``: blood counts older than 7 days are ordered anew (policy §9), then a serum creatinine older than 7
+    days is repeated (policy §2; a stale weight is flagged but not ordered)."""
     request = json.loads(path.read_text(encoding="utf-8"))
     [patient] = [value for value in request["prefetch"].values() if value.get("resourceType") == "Patient"]
     birth = dt.date.fromisoformat(patient["birthDate"])
     age = today.year - birth.year - ((today.month, today.day) < (birth.month, birth.day))
-    creatinine_dates = [
-        entry["resource"]["effectiveDateTime"]
-        for bundle in request["prefetch"].values()
-        if bundle.get("resourceType") == "Bundle"
-        for entry in bundle.get("entry", [])
-        if any(c.get("code") == "2160-0" for c in entry.get("resource", {}).get("code", {}).get("coding", []))
-    ]
-    latest = dt.date.fromisoformat(max(creatinine_dates))
-    repeats = [f"Repeat serum creatinine (last {latest.isoformat()})"] if (today - latest).days > 7 else []
-    return ExampleFacts(age, repeats)
+
+    def latest(loinc: str) -> dt.date:
+        return dt.date.fromisoformat(
+            max(
+                entry["resource"]["effectiveDateTime"][:10]
+                for bundle in request["prefetch"].values()
+                if bundle.get("resourceType") == "Bundle"
+                for entry in bundle.get("entry", [])
+                if any(c.get("code") == loinc for c in entry.get("resource", {}).get("code", {}).get("coding", []))
+            )
+        )
+
+    counts_stale = any((today - latest(loinc)).days > 7 for loinc in ("751-8", "777-3", "718-7"))
+    creatinine = latest("2160-0")
+    labels = ["Order blood counts now"] if counts_stale else []
+    if (today - creatinine).days > 7:
+        labels.append(f"Repeat serum creatinine (last {creatinine.isoformat()})")
+    return ExampleFacts(age, labels)
 
 
 @pytest.mark.browser

@@ -10,7 +10,7 @@ from typing import Literal
 
 from cards import dosing, fhir_out
 from cards.dosing import Drug, Phase, Schedule
-from cards.facts import Measurement, PatientFacts, ViralLoad
+from cards.facts import FAMILY_BY_FACT, Measurement, PatientFacts, ViralLoad
 from cards.model import Action, Card, Indicator, Source, Suggestion
 from cards.orders import OrderFact, medication_sets
 from cards.regimen import Missing, MissingItem, NotRecommended, Regimen, StaleInput, compute
@@ -31,9 +31,11 @@ COURSE_SETS: dict[Drug, tuple[str, ...]] = {
     "foscarnet": ("Foscarnet",),
     "cidofovir": ("Cidofovir",),
 }
-# docs/policy.md §8: induction is complete after 14 days of therapy in the current course, with CMV DNA
-# undetectable or below the assay's quantification limit.
+# docs/policy.md §8: induction is complete after 14 days of therapy in the current course (21, the shortest colitis
+# course, with CMV GI disease), with CMV DNA undetectable or below the assay's quantification limit on a sample
+# taken during the course and at most 14 days ago (two weekly checks: an older result does not show today's state).
 COMPLETED_INDUCTION_DAYS = 14
+VIRAL_LOAD_CURRENT_DAYS = 14
 DURATION_TEXT = "then reassess; continue until CMV DNA is undetectable"
 FOSCARNET_HYDRATION = (
     "Hydration (label): 750–1000 mL normal saline or 5% dextrose before the first infusion; then 750–1000 mL "
@@ -93,13 +95,16 @@ class Context:
 
 
 def completed_induction(facts: PatientFacts, drug: Drug) -> tuple[Phase, str | None]:
-    """Maintenance when the current course of the drug's therapy has run ≥ 14 days (active or completed
-    orders) and the latest CMV DNA is undetectable (docs/policy.md §8)."""
+    """Maintenance when the current course of the drug's therapy has run ≥ 14 days (≥ 21 with CMV GI disease;
+    active or completed orders) and the latest CMV DNA, taken during the course and at most 14 days ago, is
+    undetectable (docs/policy.md §8)."""
     latest = facts.latest_viral_load
-    if latest is None or not latest.undetectable:
+    if latest is None or not latest.undetectable or latest.date < facts.today - dt.timedelta(VIRAL_LOAD_CURRENT_DAYS):
         return "induction", None
     course = current_course(facts.medications, COURSE_SETS[drug], facts.today, COURSE_GAP_DAYS)
-    if course is None or course.days_given < COMPLETED_INDUCTION_DAYS:
+    colitis = "gastrointestinal" in facts.manifestations and drug in ("ganciclovir", "valganciclovir")
+    needed = dosing.COLITIS_DAYS[0] if colitis else COMPLETED_INDUCTION_DAYS
+    if course is None or course.days_given < needed or latest.date < course.start:
         return "induction", None
     names = " / ".join(sorted({s.lower() for s in COURSE_SETS[drug]}))
     return "maintenance", (
@@ -328,13 +333,59 @@ def low_counts(facts: PatientFacts) -> list[str]:
         ("Platelets", facts.platelets, PLATELETS_MIN_PER_UL, "/µL"),
         ("Hemoglobin", facts.hemoglobin, HEMOGLOBIN_MIN_G_DL, "g/dL"),
     ):
-        if isinstance(value, Measurement) and value.value < threshold:
+        if isinstance(value, Measurement) and value.below(threshold):
             stale = " (stale)" if value.stale else ""
             low.append(
-                f"{label} {value.value:,.4g} {unit} < {threshold:,.4g} on {value.date.isoformat()} "
+                f"{label} {value.shown()} {unit} < {threshold:,.4g} on {value.date.isoformat()} "
                 f"({value.source}; {value.code}){stale}"
             )
     return low
+
+
+_COUNTS = (("anc", ANC_MIN_PER_UL), ("platelets", PLATELETS_MIN_PER_UL), ("hemoglobin", HEMOGLOBIN_MIN_G_DL))
+_LABEL_BY_SET = {family.set_name: family.label for family in FAMILY_BY_FACT.values()}
+
+
+def count_gaps(facts: PatientFacts) -> list[tuple[str, str]]:
+    """The blood counts (val)ganciclovir needs checked (docs/clinical-basis.md §2.4) that are not known today:
+    (lab set, why) for each one missing, unusable, stale, or reported as a bound that leaves the threshold open."""
+    gaps = []
+    for fact, threshold in _COUNTS:
+        family = FAMILY_BY_FACT[fact]
+        value = facts.lab(fact)
+        if value is None:
+            why = "no result on record"
+        elif not isinstance(value, Measurement):
+            why = f"latest result ({value.date.isoformat()}, {value.source}) unusable: {value.reason}"
+        elif value.below(threshold) is None:
+            why = f"latest result '{value.shown()} {value.unit}' does not say whether it is below {threshold:,g}"
+        elif value.stale:
+            why = f"latest result is {value.age_days(facts.today)} days old (window {family.freshness_days} days)"
+        else:
+            continue
+        gaps.append((family.set_name, f"{family.label}: {why}"))
+    return gaps
+
+
+def count_gap_lines(gaps: Sequence[tuple[str, str]]) -> list[str]:
+    """Detail lines naming the blood counts that are not known (empty when all are)."""
+    if not gaps:
+        return []
+    return [
+        "",
+        f"**Blood counts not known** (ganciclovir and valganciclovir are avoided below ANC 500/µL, platelets "
+        f"25,000/µL or hemoglobin 8 g/dL; {policy(9)}):",
+        *[f"- {why}" for _, why in gaps],
+    ]
+
+
+def count_gap_suggestions(ctx: Context, gaps: Sequence[tuple[str, str]]) -> list[Suggestion]:
+    """One suggestion ordering the unknown blood counts now (none when all are known)."""
+    if not gaps:
+        return []
+    note = f"Blood counts before ganciclovir or valganciclovir ({policy(9)})"
+    actions = tuple(lab_order(ctx, lab_set, _LABEL_BY_SET[lab_set], note) for lab_set, _ in gaps)
+    return [Suggestion("Order blood counts now", actions)]
 
 
 def foscarnet_proposal(lead: str, alternative: Regimen) -> list[str]:

@@ -4,6 +4,7 @@ monitoring it needs (`dose-confirmed-monitoring`, docs/policy.md §12)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from cards import dosing
 from cards.dosing import Schedule
@@ -15,6 +16,9 @@ from cards.rules.common import (
     Context,
     card,
     computation_lines,
+    count_gap_lines,
+    count_gap_suggestions,
+    count_gaps,
     lab_order,
     missing_lab_suggestions,
     missing_lines,
@@ -123,9 +127,12 @@ def dose(ctx: Context, order: OrderFact) -> list[Card]:
     if why:
         extra.append(f"Maintenance dosing: {why} ({policy(8)}).")
     computation = computation_lines(regimen)
+    gaps = count_gaps(ctx.facts) if regimen.drug in ("ganciclovir", "valganciclovir") else []
+    extra += count_gap_lines(gaps)
     diffs = differences(order.dose, regimen)
     if not diffs:
-        return [monitoring_card(ctx, regimen, computation + stale_lines(regimen.stale, ctx.facts.today), extra)]
+        lines = computation + stale_lines(regimen.stale, ctx.facts.today)
+        return [monitoring_card(ctx, regimen, lines, extra, count_gap_suggestions(ctx, gaps))]
     complete = diffs[:2] == ["no dose in mg", "no frequency"]
     written = f"{regimen.dose_mg:g} mg {route_text(regimen.route)} {regimen.schedule.text} ({_renal_short(regimen)})"
     summary = (
@@ -145,6 +152,7 @@ def dose(ctx: Context, order: OrderFact) -> list[Card]:
     ]
     suggestions = [
         Suggestion(f"Update order: {regimen.summary_text()}", (update_action(order, regimen),), is_recommended=True),
+        *count_gap_suggestions(ctx, gaps),
         *stale_suggestions(ctx, regimen.stale),
     ]
     return [card("dose-adjust", summary, "warning", detail, LABEL[regimen.drug], suggestions)]
@@ -207,7 +215,11 @@ def monitoring_suggestions(ctx: Context, regimen: Regimen) -> list[Suggestion]:
     return suggestions
 
 
-def monitoring_card(ctx: Context, regimen: Regimen, computation: list[str], extra: list[str]) -> Card:
+def monitoring_card(
+    ctx: Context, regimen: Regimen, computation: list[str], extra: list[str], first: Sequence[Suggestion] = ()
+) -> Card:
+    """The card for a draft that matches its regimen: the monitoring the drug needs, as lab orders (``first``:
+    suggestions placed before them, such as blood counts not known today)."""
     drug = regimen.drug
     detail = [
         f"The selected order matches the computed regimen: {drug} {regimen_text(regimen)}.",
@@ -225,7 +237,7 @@ def monitoring_card(ctx: Context, regimen: Regimen, computation: list[str], extr
         "",
         source_line(LABEL[drug], regimen.row.source, policy(12)),
     ]
-    suggestions = [*monitoring_suggestions(ctx, regimen), *stale_suggestions(ctx, regimen.stale)]
+    suggestions = [*first, *monitoring_suggestions(ctx, regimen), *stale_suggestions(ctx, regimen.stale)]
     return card(
         "dose-confirmed-monitoring",
         f"{drug.capitalize()} dose fits ({_renal_short(regimen)}); order monitoring labs",

@@ -1,0 +1,310 @@
+"""Edges of real records found in review: sentinel dates, orders known only by their validity period, stopped and
+cancelled orders, orders without ids, local routes, and resistance reports that name the mutations they did not find.
+
+Expected values are computed by hand from docs/policy.md and the label tables it cites.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+from clinical_builders import by_rule, condition, draft, medication, observation, run
+from test_real_records import (
+    TODAY,
+    base,
+    cidofovir_draft,
+    completed_induction,
+    doses,
+    rules_of,
+    undetectable_viral_load,
+)
+
+
+def maintenance_draft() -> dict[str, Any]:
+    return draft("valganciclovir", "313566", dose_mg=900, route="oral", frequency=1, period=1, period_unit="d")
+
+
+def induction_order(days_ago_start: int, **changes: Any) -> dict[str, Any]:
+    """Valganciclovir 900 mg twice daily, started ``days_ago_start`` days ago (fields overridden by ``changes``)."""
+    order = medication("valganciclovir 450 mg tablet", TODAY, started_days_ago=days_ago_start, route="oral")
+    order.update(changes)
+    return order
+
+
+# --- dates that leave the calendar ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "repeat",
+    [
+        {"boundsPeriod": {"start": "9999-12-31"}, "boundsDuration": {"value": 21, "unit": "d", "code": "d"}},
+        {"boundsPeriod": {"start": "2026-01-01"}, "boundsDuration": {"value": 1e12, "unit": "d", "code": "d"}},
+        {"boundsDuration": {"value": 9e15, "unit": "a", "code": "a"}},
+    ],
+)
+def test_a_duration_past_the_calendar_does_not_break_the_call(repeat: dict[str, Any]) -> None:
+    """A sentinel start date or an absurd duration is read as an unknown end; the dose card is still written:
+    80 kg, CrCl (140−54)×80/(72×1.0) = 95.6 mL/min → 5 mg/kg q12h = 400 mg."""
+    odd = medication("ganciclovir 400 mg IV", TODAY, route="IV")
+    odd["dosageInstruction"][0]["timing"]["repeat"] = repeat
+    cards = run([draft("ganciclovir", "310442", route="IV")], [*base(), odd], TODAY)
+    assert doses(by_rule(cards, "dose-adjust"))[0][:2] == (400, 1)
+
+
+# --- when an order started and whether it was given (docs/policy.md §7, §8) -----------------------------------
+
+
+def test_an_order_known_only_by_its_validity_period_starts_there() -> None:
+    """No authoredOn, no bounds: dispenseRequest.validityPeriod 22 days ago → yesterday is a 21-day induction given,
+    so with CMV DNA undetectable the 900 mg once-daily maintenance draft is confirmed."""
+    order = completed_induction()
+    del order["authoredOn"]
+    del order["dosageInstruction"][0]["timing"]["repeat"]["boundsPeriod"]
+    del order["dosageInstruction"][0]["timing"]["repeat"]["boundsDuration"]
+    order["dispenseRequest"] = {
+        "validityPeriod": {
+            "start": (TODAY - dt.timedelta(days=22)).isoformat(),
+            "end": (TODAY - dt.timedelta(days=1)).isoformat(),
+        }
+    }
+    cards = run([maintenance_draft()], [*base(), order, undetectable_viral_load()], TODAY)
+    assert rules_of(cards)[0] == "dose-confirmed-monitoring"
+
+
+def test_a_stopped_order_whose_planned_end_is_ahead_counts_to_its_start_only() -> None:
+    """Stopped, planned to end in 5 days: when it stopped is unknown, so no 21 days of induction are proven and the
+    maintenance draft is corrected back to induction, 900 mg twice daily."""
+    order = induction_order(22, status="stopped")
+    order["dosageInstruction"][0]["timing"]["repeat"]["boundsPeriod"]["end"] = (
+        TODAY + dt.timedelta(days=5)
+    ).isoformat()
+    cards = run([maintenance_draft()], [*base(), order, undetectable_viral_load()], TODAY)
+    assert doses(by_rule(cards, "dose-adjust")) == [(900, 2, 1, "d")]
+
+
+@pytest.mark.parametrize("status", ["draft", "cancelled", "entered-in-error"])
+def test_an_order_never_carried_out_is_not_therapy_given(status: str) -> None:
+    """A 21-day course in an order that was a draft, cancelled or entered in error proves no induction."""
+    order = completed_induction()
+    order["status"] = status
+    cards = run([maintenance_draft()], [*base(), order, undetectable_viral_load()], TODAY)
+    assert doses(by_rule(cards, "dose-adjust")) == [(900, 2, 1, "d")]
+
+
+def test_orders_without_ids_are_each_read() -> None:
+    """Two id-less orders: the amphotericin B given 3 days ago bars cidofovir even though an id-less older order
+    of the same drug comes after it in the bundle."""
+    recent = medication("amphotericin B 50 mg IV", TODAY, started_days_ago=3, status="completed", route="IV")
+    old = medication("amphotericin B 50 mg IV", TODAY, started_days_ago=60, status="completed", ended_days_ago=50)
+    for order in (recent, old):
+        del order["id"]
+    resources = [*base(), observation("2888-6", 20, "mg/dL", TODAY), recent, old]
+    assert rules_of(run([cidofovir_draft()], resources, TODAY))[0] == "cidofovir-contraindicated"
+
+
+# --- local routes are not systemic therapy ---------------------------------------------------------------------
+
+
+def test_ganciclovir_eye_gel_is_not_a_course_of_iv_ganciclovir() -> None:
+    """Ganciclovir 0.15% ophthalmic gel for 20 days: no IV course, so the IV draft is dosed for induction
+    (5 mg/kg q12h = 400 mg), not for maintenance, and no resistance is suspected."""
+    gel = medication("ganciclovir 0.15% ophthalmic gel", TODAY, started_days_ago=20, route="ophthalmic")
+    cards = run([draft("ganciclovir", "310442", route="IV")], [*base(), gel, undetectable_viral_load()], TODAY)
+    assert doses(by_rule(cards, "dose-adjust")) == [(400, 1, 12, "h")]
+    assert "resistance" not in rules_of(cards)
+
+
+@pytest.mark.parametrize(
+    ("text", "route", "suggested"),
+    [("tacrolimus 0.1% ointment", "topical", False), ("tacrolimus 1 mg capsule", "sublingual", True)],
+)
+def test_only_systemic_immunosuppression_is_considered_for_reduction(text: str, route: str, suggested: bool) -> None:
+    drug = medication(text, TODAY, started_days_ago=100, route=route)
+    cards = run([draft("ganciclovir", "310442", route="IV")], [*base(), drug], TODAY)
+    assert ("reduce-immunosuppression" in rules_of(cards)) is suggested
+
+
+# --- resistance reports ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("report", "suspected"),
+    [
+        ("UL97 M460V detected", True),
+        ("No resistance mutations detected (UL97 M460V, A594V, L595S screened)", False),
+        ("UL97/UL54: wild type", False),
+        ("Mutation not found: C603W", False),
+    ],
+)
+def test_a_resistance_report_of_none_found_is_not_resistance(report: str, suspected: bool) -> None:
+    genotype = observation("", None, "", TODAY, valueString=report, code={"text": "CMV UL97/UL54 genotype"})
+    cards = run([draft("ganciclovir", "310442", route="IV")], [*base(), genotype], TODAY)
+    assert ("resistance" in rules_of(cards)) is suspected
+
+
+# --- completed induction needs a current result (docs/policy.md §8) --------------------------------------------
+
+
+@pytest.mark.parametrize(("result_days_ago", "maintenance"), [(14, True), (15, False)])
+def test_completed_induction_needs_an_undetectable_result_from_the_last_14_days(
+    result_days_ago: int, maintenance: bool
+) -> None:
+    """A 21-day induction ended yesterday; the undetectable result must be at most 14 days old."""
+    resources = [*base(), completed_induction(), undetectable_viral_load(days_ago=result_days_ago)]
+    cards = run([maintenance_draft()], resources, TODAY)
+    assert (rules_of(cards)[0] == "dose-confirmed-monitoring") is maintenance
+    if not maintenance:
+        assert doses(by_rule(cards, "dose-adjust")) == [(900, 2, 1, "d")]
+
+
+@pytest.mark.parametrize(("days", "maintenance"), [(16, False), (21, True)])
+def test_cmv_colitis_induction_is_complete_after_21_days(days: int, maintenance: bool) -> None:
+    """CMV GI disease is treated 21–42 days (docs/clinical-basis.md): 16 days of induction are not complete."""
+    resources = [*base(), condition("CMV colitis", TODAY), completed_induction(days=days), undetectable_viral_load()]
+    cards = run([maintenance_draft()], resources, TODAY)
+    assert ("dose-adjust" not in rules_of(cards)) is maintenance
+
+
+@pytest.mark.parametrize(
+    ("text", "maintenance"),
+    [
+        ("900 mg once daily (maintenance)", True),
+        ("900 mg twice daily for 21 days, then 900 mg once daily maintenance", False),
+        ("induction before maintenance", False),
+        ("not maintenance", False),
+    ],
+)
+def test_a_draft_says_maintenance_only_when_nothing_says_induction_first(text: str, maintenance: bool) -> None:
+    """No course on record: the draft's own words decide. Maintenance → 900 mg once daily is confirmed; a text that
+    begins with induction → corrected to 900 mg twice daily."""
+    selected = draft(
+        "valganciclovir", "313566", dose_mg=900, route="oral", frequency=1, period=1, period_unit="d", text=text
+    )
+    cards = run([selected], base(), TODAY)
+    if maintenance:
+        assert "dose-adjust" not in rules_of(cards)
+    else:
+        assert doses(by_rule(cards, "dose-adjust")) == [(900, 2, 1, "d")]
+
+
+# --- results reported as a bound (Quantity.comparator) --------------------------------------------------------
+
+
+def bound(loinc: str, comparator: str, value: float, unit: str) -> dict[str, Any]:
+    result = observation(loinc, value, unit, TODAY)
+    result["valueQuantity"]["comparator"] = comparator
+    return result
+
+
+def gcv_draft() -> dict[str, Any]:
+    return draft("ganciclovir", "310442", dose_mg=400, route="IV", frequency=1, period=12, period_unit="h")
+
+
+def test_a_neutrophil_count_below_a_bound_under_500_is_myelosuppression() -> None:
+    resources = [*without_code(base(), "751-8"), bound("751-8", "<", 100, "/uL")]
+    card = run([gcv_draft()], resources, TODAY)[0]
+    assert card.rule_id == "myelosuppression"
+    assert "ANC < 100 cells/µL < 500" in card.detail
+
+
+def test_a_neutrophil_count_bound_that_leaves_500_open_is_named_and_reordered() -> None:
+    """ "< 600": the count may or may not be below 500 — not myelosuppression, not a guess: the dose card names it and
+    offers the counts now."""
+    resources = [*without_code(base(), "751-8"), bound("751-8", "<", 600, "/uL")]
+    cards = run([gcv_draft()], resources, TODAY)
+    assert "myelosuppression" not in rules_of(cards)
+    card = by_rule(cards, "dose-confirmed-monitoring")
+    assert "does not say whether it is below 500" in card.detail
+    assert card.suggestions[0].label == "Order blood counts now"
+    (action,) = card.suggestions[0].actions
+    assert action.resource is not None
+    assert action.resource["code"]["coding"][0]["code"] == "751-8"
+
+
+def test_a_creatinine_bound_cannot_dose_and_says_so() -> None:
+    resources = [*without_code(base(), "2160-0"), bound("2160-0", "<", 0.3, "mg/dL")]
+    card = run([gcv_draft()], resources, TODAY)[0]
+    assert card.rule_id == "dose-missing-data"
+    assert "is a bound, '< 0.3 mg/dL', not a value" in card.detail
+
+
+def test_a_creatinine_above_a_bound_over_1_5_still_bars_cidofovir() -> None:
+    resources = [*without_code(base(), "2160-0"), bound("2160-0", ">", 2.0, "mg/dL")]
+    card = run([cidofovir_draft()], resources, TODAY)[0]
+    assert card.rule_id == "cidofovir-contraindicated"
+    assert "serum creatinine > 2.00 mg/dL > 1.5 mg/dL" in card.detail
+
+
+@pytest.mark.parametrize(
+    ("comparator", "value", "expected"),
+    [("<", 30, "met"), (">=", 100, "failed"), (">", 300, "failed"), ("<=", 150, "open")],
+)
+def test_urine_protein_bounds_against_the_cidofovir_limit(comparator: str, value: float, expected: str) -> None:
+    """Cidofovir needs urine protein < 100 mg/dL: "< 30" meets it, "≥ 100" fails it, "≤ 150" leaves it open."""
+    cards = run([cidofovir_draft()], [*base(), bound("2888-6", comparator, value, "mg/dL")], TODAY)
+    if expected == "failed":
+        assert f"urine protein {comparator} {value:g} mg/dL ≥ 100 mg/dL" in cards[0].detail
+    elif expected == "met":
+        assert "cidofovir-contraindicated" not in rules_of(cards)
+        assert "dose-missing-data" not in rules_of(cards)
+    else:
+        card = by_rule(cards, "dose-missing-data")
+        assert "does not say whether it is below 100 mg/dL" in card.detail
+
+
+def without_code(resources: list[dict[str, Any]], loinc: str) -> list[dict[str, Any]]:
+    return [
+        r for r in resources if not (r["resourceType"] == "Observation" and r["code"]["coding"][0]["code"] == loinc)
+    ]
+
+
+# --- units as laboratories print them --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "unit"), [(88.4, "µmol/L"), (88.4, "μmol/L"), (88.4, "umol/L"), (10, "mg/L"), (1.0, "mg / dL")]
+)
+def test_creatinine_units_as_printed(value: float, unit: str) -> None:
+    """All are 1.0 mg/dL: CrCl (140−54)×80/(72×1.0) = 95.6 mL/min → 5 mg/kg q12h = 400 mg."""
+    scr = observation("2160-0", value, unit, TODAY)
+    scr["valueQuantity"].pop("code")
+    cards = run([draft("ganciclovir", "310442", route="IV")], [*base(scr=None), scr], TODAY)
+    assert doses(by_rule(cards, "dose-adjust")) == [(400, 1, 12, "h")]
+
+
+@pytest.mark.parametrize("unit", ["x10E3/uL", "10^3/µL", "×10^9/L", "10*9/L", "K/uL", "thou/uL"])
+def test_count_units_as_printed(unit: str) -> None:
+    """ANC 0.3 thousand per µL = 300 cells/µL < 500: myelosuppression."""
+    anc = observation("751-8", 0.3, unit, TODAY)
+    anc["valueQuantity"].pop("code")
+    card = run([gcv_draft()], [*without_code(base(), "751-8"), anc], TODAY)[0]
+    assert card.rule_id == "myelosuppression"
+    assert "ANC 300 cells/µL" in card.detail
+
+
+# --- blood counts not known today (docs/policy.md §9) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("counts_days_ago", "reason"), [(None, "no result on record"), (10, "10 days old")])
+def test_the_ganciclovir_dose_card_names_unknown_counts_and_orders_them(
+    counts_days_ago: int | None, reason: str
+) -> None:
+    resources = [
+        r
+        for r in base()
+        if r["resourceType"] != "Observation" or r["code"]["coding"][0]["code"] not in ("751-8", "777-3", "718-7")
+    ]
+    if counts_days_ago is not None:
+        resources += [
+            observation(code, value, unit, TODAY, days_ago=counts_days_ago)
+            for code, value, unit in (("751-8", 3000, "/uL"), ("777-3", 200000, "/uL"), ("718-7", 12.0, "g/dL"))
+        ]
+    card = by_rule(run([draft("ganciclovir", "310442", route="IV")], resources, TODAY), "dose-adjust")
+    assert "**Blood counts not known**" in card.detail
+    assert card.detail.count(reason) == 3
+    orders = [s for s in card.suggestions if s.label == "Order blood counts now"]
+    assert len(orders) == 1
+    codes = sorted(a.resource["code"]["coding"][0]["code"] for a in orders[0].actions if a.resource)
+    assert codes == ["718-7", "751-8", "777-3"]
