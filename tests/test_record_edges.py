@@ -308,3 +308,58 @@ def test_the_ganciclovir_dose_card_names_unknown_counts_and_orders_them(
     assert len(orders) == 1
     codes = sorted(a.resource["code"]["coding"][0]["code"] for a in orders[0].actions if a.resource)
     assert codes == ["718-7", "751-8", "777-3"]
+
+
+# --- CNS disease: the combination keeps what can be proposed (docs/policy.md §9) -------------------------------
+
+
+def cns() -> dict[str, Any]:
+    return condition("CMV encephalitis", TODAY)
+
+
+def cns_card(selected: dict[str, Any], resources: list[dict[str, Any]]) -> Any:
+    cards = run([selected], [*resources, cns()], TODAY)
+    assert rules_of(cards)[0] == "cns-combination"
+    return cards[0]
+
+
+def test_cns_with_a_foscarnet_draft_on_the_60_column_adds_ganciclovir_only() -> None:
+    """SCr 0.8: foscarnet 60 mg/kg q8h = 4800 mg (80 kg) is a label column: it is not rewritten to 90 q12h;
+    ganciclovir 5 mg/kg q12h = 400 mg (CrCl 119 mL/min) is created beside it."""
+    foscarnet = draft("foscarnet", "1734377", dose_mg=4800, route="IV", frequency=1, period=8, period_unit="h")
+    card = cns_card(foscarnet, base(scr=0.8))
+    assert card.suggestions[0].label == "Ganciclovir + foscarnet (combination)"
+    assert [a.type for a in card.suggestions[0].actions] == ["create"]
+    assert doses(card) == [(400, 1, 12, "h")]
+    assert "fits as written" in card.detail
+
+
+def test_cns_with_foscarnet_not_recommended_still_corrects_the_ganciclovir_draft() -> None:
+    """Age 54, 80 kg, SCr 12 → CrCl (140−54)×80/(72×12) = 7.96 mL/min = 0.0995 mL/min/kg < 0.4: foscarnet is not
+    recommended; ganciclovir's < 10 mL/min row is 1.25 mg/kg three times a week = 100 mg, and the 400 mg q12h
+    draft is corrected to it on this card."""
+    gcv = draft("ganciclovir", "310442", dose_mg=400, route="IV", frequency=1, period=12, period_unit="h")
+    card = cns_card(gcv, base(scr=12.0))
+    assert card.summary.endswith("not proposed: foscarnet (not recommended)")
+    assert "**Foscarnet is not recommended:**" in card.detail
+    assert [a.type for a in card.suggestions[0].actions] == ["update"]
+    assert card.suggestions[0].label == "Ganciclovir"
+    assert doses(card) == [(100, 3, 1, "wk")]
+
+
+def test_cns_with_no_weight_names_both_drugs_and_proposes_none() -> None:
+    gcv = draft("ganciclovir", "310442", dose_mg=400, route="IV", frequency=1, period=12, period_unit="h")
+    card = cns_card(gcv, base(weight=None))
+    assert "ganciclovir (data missing), foscarnet (data missing)" in card.summary
+    assert card.detail.count("body weight") >= 2
+    assert not doses(card)
+
+
+def test_cns_with_a_fitting_ganciclovir_draft_creates_foscarnet() -> None:
+    """SCr 1.0: ganciclovir 400 mg q12h fits (CrCl 95.6 mL/min); foscarnet at 95.6/80 = 1.19 mL/min/kg is in the
+    > 1.0–1.4 band: 70 mg/kg q12h = 5600 mg."""
+    gcv = draft("ganciclovir", "310442", dose_mg=400, route="IV", frequency=1, period=12, period_unit="h")
+    card = cns_card(gcv, base())
+    assert card.summary == "CNS CMV disease: give IV ganciclovir plus IV foscarnet together"
+    assert [a.type for a in card.suggestions[0].actions] == ["create"]
+    assert doses(card) == [(5600, 1, 12, "h")]

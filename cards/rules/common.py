@@ -4,6 +4,7 @@ written in words, and the actions and suggestions the cards propose."""
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -12,7 +13,7 @@ from cards import dosing, fhir_out
 from cards.dosing import Drug, Phase, Schedule
 from cards.facts import FAMILY_BY_FACT, Measurement, PatientFacts, ViralLoad
 from cards.model import Action, Card, Indicator, Source, Suggestion
-from cards.orders import OrderFact, medication_sets
+from cards.orders import DraftDose, OrderFact, medication_sets
 from cards.regimen import Missing, MissingItem, NotRecommended, Regimen, StaleInput, compute
 from cards.sources import policy
 from cards.therapy import COURSE_GAP_DAYS, current_course
@@ -174,6 +175,35 @@ def dose_spec(regimen: Regimen) -> fhir_out.DoseSpec:
         duration_days=regimen.duration_days,
         count=regimen.count,
     )
+
+
+def differences(draft: DraftDose, regimen: Regimen) -> list[str]:
+    """What in the draft differs from the regimen (empty when it matches, docs/policy.md §6 rounding)."""
+    found = []
+    tolerance = dosing.ROUNDING_MG[regimen.drug] / 2 if regimen.drug != "valganciclovir" else 0.0
+    if draft.invalid is not None:
+        found.append(f"the written amount ({draft.invalid}) is not a valid dose (computed {regimen.dose_mg:g} mg)")
+    elif draft.mg is None:
+        found.append("no dose in mg")
+    elif abs(draft.mg - regimen.exact_mg) > tolerance + 1e-9 and not math.isclose(draft.mg, regimen.dose_mg):
+        found.append(f"dose {draft.mg:g} mg (computed {regimen.dose_mg:g} mg)")
+    if draft.per_hour is None:
+        found.append("no frequency")
+    elif not math.isclose(draft.per_hour, regimen.schedule.doses_per_hour, rel_tol=1e-6):
+        found.append(f"frequency differs (computed {regimen.schedule.text})")
+    if draft.route != regimen.route:
+        found.append(f"route {draft.route} (computed {route_text(regimen.route)})")
+    return found
+
+
+def fits_regimen(ctx: Context, order: OrderFact, regimen: Regimen) -> bool:
+    """The draft matches the regimen as written; for foscarnet, either label column (docs/policy.md §6)."""
+    if not differences(order.dose, regimen):
+        return True
+    if regimen.drug != "foscarnet":
+        return False
+    other = ctx.regimen("foscarnet", regimen.phase, dosing.FOSCARNET_ALTERNATIVE_COLUMN[regimen.phase])
+    return isinstance(other, Regimen) and not differences(order.dose, other)
 
 
 def create_action(ctx: Context, regimen: Regimen) -> Action:

@@ -3,13 +3,12 @@ monitoring it needs (`dose-confirmed-monitoring`, docs/policy.md §12)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from cards import dosing
 from cards.dosing import Schedule
 from cards.model import Card, Suggestion
-from cards.orders import DraftDose, OrderFact
+from cards.orders import OrderFact
 from cards.regimen import Missing, Regimen
 from cards.rules.common import (
     FOSCARNET_HYDRATION,
@@ -19,6 +18,7 @@ from cards.rules.common import (
     count_gap_lines,
     count_gap_suggestions,
     count_gaps,
+    differences,
     lab_order,
     missing_lab_suggestions,
     missing_lines,
@@ -65,25 +65,6 @@ def missing_data(ctx: Context, order: OrderFact) -> list[Card]:
             missing_lab_suggestions(ctx, missing.items),
         )
     ]
-
-
-def differences(draft: DraftDose, regimen: Regimen) -> list[str]:
-    """What in the draft differs from the regimen (empty when it matches, docs/policy.md §6 rounding)."""
-    found = []
-    tolerance = dosing.ROUNDING_MG[regimen.drug] / 2 if regimen.drug != "valganciclovir" else 0.0
-    if draft.invalid is not None:
-        found.append(f"the written amount ({draft.invalid}) is not a valid dose (computed {regimen.dose_mg:g} mg)")
-    elif draft.mg is None:
-        found.append("no dose in mg")
-    elif abs(draft.mg - regimen.exact_mg) > tolerance + 1e-9 and not math.isclose(draft.mg, regimen.dose_mg):
-        found.append(f"dose {draft.mg:g} mg (computed {regimen.dose_mg:g} mg)")
-    if draft.per_hour is None:
-        found.append("no frequency")
-    elif not math.isclose(draft.per_hour, regimen.schedule.doses_per_hour, rel_tol=1e-6):
-        found.append(f"frequency differs (computed {regimen.schedule.text})")
-    if draft.route != regimen.route:
-        found.append(f"route {draft.route} (computed {route_text(regimen.route)})")
-    return found
 
 
 def _renal_short(regimen: Regimen) -> str:

@@ -10,6 +10,7 @@ from cards.model import Action, Card, Suggestion
 from cards.orders import OrderFact
 from cards.regimen import Missing, Regimen
 from cards.rules.common import (
+    DRUG_SET,
     FOSCARNET_HYDRATION,
     Context,
     alternative_unavailable,
@@ -17,8 +18,10 @@ from cards.rules.common import (
     computation_lines,
     create_action,
     delete_action,
+    fits_regimen,
     low_counts,
     missing_lab_suggestions,
+    missing_lines,
     proposal_lines,
     regimen_text,
     replace_order,
@@ -104,17 +107,23 @@ def resistance(ctx: Context, order: OrderFact) -> list[Card]:
     ]
 
 
+CNS_DRUGS: tuple[Drug, ...] = ("ganciclovir", "foscarnet")  # docs/policy.md §9: both, IV, together
+
+
 def cns_combination(ctx: Context, order: OrderFact) -> list[Card]:
-    """CNS disease (docs/policy.md §9; NIH OI guidelines; seeds): IV ganciclovir plus IV foscarnet together. No
-    ganciclovir is proposed where the blood counts rule it out (label §5.1)."""
+    """CNS disease (docs/policy.md §9; NIH OI guidelines; seeds): IV ganciclovir plus IV foscarnet together.
+    The selected drug is corrected here when its draft differs (this card replaces the dose card), the partner is
+    created unless already ordered; a partner that cannot be dosed, or ganciclovir the blood counts rule out
+    (label §5.1), is named and the rest is still proposed. Oral valganciclovir is replaced."""
     facts = ctx.facts
     if "cns" not in facts.manifestations or order.drug == "cidofovir":
         return []
     drug = order.drug
-    needs_gcv = drug != "ganciclovir" and not ctx.already_ordered("Ganciclovir")
-    needs_fos = drug != "foscarnet" and not ctx.already_ordered("Foscarnet")
-    if not needs_gcv and not needs_fos and drug != "valganciclovir":
-        return []  # both drugs are already ordered: each is dose-checked on its own
+    partners = [
+        name for name in CNS_DRUGS if name != drug and not ctx.already_ordered(DRUG_SET[name])
+    ]  # an order already there is dose-checked on its own
+    if not partners and drug != "valganciclovir":
+        return []
     phase = ctx.phase(drug, order)
     evidence = facts.manifestations["cns"]
     detail = [
@@ -124,48 +133,48 @@ def cns_combination(ctx: Context, order: OrderFact) -> list[Card]:
     ]
     low = low_counts(facts)
     actions: list[Action] = [delete_action(order)] if drug == "valganciclovir" else []
+    in_plan: list[Drug] = []  # the drugs the combination holds once the suggestion is accepted
+    left_out: list[str] = []
     missing_labs: list[Suggestion] = []
-    partners: tuple[Drug, ...] = ("ganciclovir", "foscarnet")
-    for name in partners:
-        if name != drug and ctx.already_ordered("Ganciclovir" if name == "ganciclovir" else "Foscarnet"):
-            continue  # already ordered: that order is dose-checked on its own
+    for name in CNS_DRUGS:
+        if name != drug and name not in partners:
+            in_plan.append(name)
+            continue
         if name == "ganciclovir" and low:
-            detail += [
-                "**Ganciclovir is not proposed:** the blood counts are below the label's thresholds:",
-                *[f"- {line}" for line in low],
-                "",
-            ]
+            detail += ["**Ganciclovir is not proposed:** the blood counts are below the label's thresholds:"]
+            detail += [*[f"- {line}" for line in low], ""]
+            left_out.append("ganciclovir (blood counts)")
             continue
         reg = ctx.regimen(name, phase)
         if not isinstance(reg, Regimen):
-            detail += alternative_unavailable(reg)[1:]
-            missing_labs = missing_lab_suggestions(ctx, reg.items) if isinstance(reg, Missing) else []
-            actions = []
-            break
-        detail += [f"**{name.capitalize()}:** {regimen_text(reg)}.", *computation_lines(reg), ""]
+            if isinstance(reg, Missing):
+                detail += [f"**{name.capitalize()} cannot be dosed:**", *missing_lines(reg.items), ""]
+                missing_labs += missing_lab_suggestions(ctx, reg.items)
+                left_out.append(f"{name} (data missing)")
+            else:
+                detail += [f"**{name.capitalize()} is not recommended:** {reg.reason} ({reg.source}).", ""]
+                left_out.append(f"{name} (not recommended)")
+            continue
+        in_plan.append(name)
+        if name == drug and fits_regimen(ctx, order, reg):
+            detail += [f"**{name.capitalize()} (selected order):** fits as written ({regimen_text(reg)}).", ""]
+            continue
+        label = f"{name.capitalize()}{' (selected order, corrected)' if name == drug else ''}"
+        detail += [f"**{label}:** {regimen_text(reg)}.", *computation_lines(reg), ""]
         actions.append(update_action(order, reg) if name == drug else create_action(ctx, reg))
-    if any(a.resource and "foscarnet" in str(a.resource.get("medicationCodeableConcept")) for a in actions):
+    if "foscarnet" in in_plan:
         detail.append(FOSCARNET_HYDRATION)
     detail += ["", source_line(NIH_OI, SEED_DISSEMINATED, policy(9))]
-    suggestions = (
-        [Suggestion("Ganciclovir + foscarnet (combination)", tuple(actions), is_recommended=True)]
-        if actions and not low
-        else (
-            [Suggestion("Foscarnet (ganciclovir ruled out by the counts)", tuple(actions), is_recommended=True)]
-            if actions
-            else missing_labs
-        )
-    )
-    return [
-        card(
-            "cns-combination",
-            "CNS CMV disease: give IV ganciclovir plus IV foscarnet together",
-            "warning",
-            detail,
-            NIH_OI,
-            suggestions,
-        )
-    ]
+    suggestions = list(missing_labs)
+    if actions:
+        plan = " + ".join(in_plan).capitalize() if in_plan else f"Remove the {drug} order"
+        plan += " (combination)" if len(in_plan) == 2 else ""
+        suggestions.insert(0, Suggestion(plan, tuple(actions), is_recommended=True))
+    if left_out:
+        summary = f"CNS CMV disease: ganciclovir + foscarnet preferred; not proposed: {', '.join(left_out)}"
+    else:
+        summary = "CNS CMV disease: give IV ganciclovir plus IV foscarnet together"
+    return [card("cns-combination", summary, "warning", detail, NIH_OI, suggestions)]
 
 
 def steer_reasons(ctx: Context) -> list[str]:
