@@ -467,7 +467,6 @@ ROUNDING_MG: dict[Drug, float] = {
     "foscarnet": 50.0,
     "valganciclovir": 450.0,
 }
-VALGANCICLOVIR_TABLET_MG = 450.0  # Valcyte 450 mg tablet (docs/clinical-basis.md §3)
 
 # docs/policy.md §6 course lengths, in days. Foscarnet: "2–3 weeks depending on clinical response" (label),
 # proposed as the same 21-day course as ganciclovir.

@@ -91,7 +91,7 @@ LAB_FAMILIES: tuple[LabFamily, ...] = (
         units.URINE_PROTEIN_TO_MG_DL,
         "mg/dL",
         "urine protein",
-        None,
+        2,  # the cidofovir label: within 48 hours before each dose (docs/clinical-basis.md §5.4)
         None,
         ordinal=units.URINE_PROTEIN_STRIP_MG_DL,
     ),
@@ -327,7 +327,7 @@ _MANIFESTATION_BY_SET = {set_name: name for name, set_name in MANIFESTATION_SETS
 class _FactBuilder:
     """The single pass: each resource is classified once and dispatched to the facts it feeds."""
 
-    __slots__ = ("_latest", "_loads", "_pregnancy_tests", "conditions_seen", "facts", "patient_id", "today")
+    __slots__ = ("_latest", "_loads", "_pregnancy_tests", "facts", "patient_id", "today")
 
     def __init__(self, patient_id: str, today: dt.date) -> None:
         self.patient_id = patient_id
@@ -336,7 +336,6 @@ class _FactBuilder:
         self._latest: dict[str, _Latest] = {}
         self._loads: list[tuple[dt.datetime, ViralLoad]] = []
         self._pregnancy_tests: list[_Latest] = []
-        self.conditions_seen: set[str] = set()
 
     def build(
         self,
@@ -508,9 +507,9 @@ def _measure(latest: _Latest, family: LabFamily, today: dt.date) -> Measurement 
     code = _code_label(observation.get("code"), family.set_name)
     quantity = observation.get("valueQuantity")
     value = units.quantity_in(quantity, family.to_canonical)
-    reading = ""
+    reading, comparator = "", ""
     if value is None and family.ordinal is not None and not isinstance(quantity, dict):
-        reading, value = _ordinal_reading(observation, family.ordinal)
+        reading, value, comparator = _ordinal_reading(observation, family.ordinal)
     if value is None:
         if isinstance(quantity, dict) and quantity.get("value") is not None:
             reason = f"unit '{units.unit_label(quantity)}' not recognised"
@@ -524,23 +523,27 @@ def _measure(latest: _Latest, family: LabFamily, today: dt.date) -> Measurement 
         reason = f"value {value:.4g} {family.unit} outside the plausible range {low:g}–{high:g} {family.unit}"
         return Unusable(reason=reason, source=source, date=when, code=code)
     stale = family.freshness_days is not None and (today - when).days > family.freshness_days
-    comparator = quantity.get("comparator") if isinstance(quantity, dict) else None
-    comparator = comparator if comparator in _COMPARATORS else ""
+    if isinstance(quantity, dict) and quantity.get("comparator") in _COMPARATORS:
+        comparator = str(quantity["comparator"])
     return Measurement(value, family.unit, when, source, stale, code, reading, comparator)
 
 
-def _ordinal_reading(observation: Mapping[str, Any], scale: Mapping[str, float]) -> tuple[str, float | None]:
-    """A test-strip result reported as text or a coded ordinal ("2+", "++", "trace", "negative")."""
+def _ordinal_reading(observation: Mapping[str, Any], scale: Mapping[str, float]) -> tuple[str, float | None, str]:
+    """A test-strip result reported as text or a coded ordinal ("2+", "++", "+2", "trace", "negative",
+    "2+ (100 mg/dL)"), or an amount written as text (">= 300 mg/dL"): (reading, nominal value, comparator)."""
     for code in coding_codes(observation.get("valueCodeableConcept")):
         grade = units.URINE_PROTEIN_STRIP_SNOMED.get(code)
         if grade is not None:
-            return grade, scale[grade]
+            return grade, scale[grade], ""
     texts = _value_texts(observation)
     for text in texts:
         key = units.normalise_strip_reading(text)
         if key in scale:
-            return text.strip()[:32], scale[key]
-    return (texts[0].strip()[:32] if texts else ""), None
+            return text.strip()[:32], scale[key], ""
+        amount = units.strip_amount(text)
+        if amount is not None:
+            return "", amount[1], amount[0]
+    return (texts[0].strip()[:32] if texts else ""), None, ""
 
 
 def _viral_load(observation: Mapping[str, Any], kind: str, when: dt.date) -> ViralLoad | None:

@@ -26,7 +26,6 @@ DRUG_SETS = (
     "NephrotoxicDrugs",
     "Immunosuppressants",
 )
-CMV_ANTIVIRALS = ("Ganciclovir", "Valganciclovir", "Foscarnet", "Cidofovir")
 _DRUG_SET_NAMES = frozenset(DRUG_SETS)
 
 

@@ -24,6 +24,8 @@ ROUTE: dict[Drug, Literal["iv", "oral"]] = {
     "foscarnet": "iv",
     "cidofovir": "iv",
 }
+# docs/clinical-basis.md §5.4: serum creatinine and urine protein within 48 hours before each cidofovir dose.
+CIDOFOVIR_LAB_WINDOW_DAYS = 2
 _CIDOFOVIR_CRITERIA = "Vistide label, Contraindications and Dosage and Administration (docs/clinical-basis.md §5.2)"
 
 
@@ -94,7 +96,8 @@ class Regimen:
 
 def describe(label: str, m: Measurement, today: dt.date, window: int | None) -> str:
     """One computation line: value, unit, date, source, code used, and staleness (docs/policy.md §2)."""
-    stale = f" — STALE: {m.age_days(today)} days old (window {window} days)" if window is not None and m.stale else ""
+    old = window is not None and m.age_days(today) > window
+    stale = f" — STALE: {m.age_days(today)} days old (window {window} days)" if old else ""
     reading = f"{m.reading} (≈ {m.value:g} {m.unit})" if m.reading else f"{m.comparator}{m.value:.4g} {m.unit}"
     code = f"; {m.code}" if m.code else ""
     return f"{label}: {reading} on {m.date.isoformat()} ({m.source}{code}){stale}"
@@ -217,7 +220,7 @@ def cidofovir_criteria(facts: PatientFacts, renal: RenalInputs) -> CidofovirChec
         shown = f"{protein.reading} (test strip)" if protein.reading else f"{protein.shown()} mg/dL"
         check.failed.append(f"urine protein {shown} ≥ {limit:g} mg/dL (2+)")
     elif isinstance(protein, Measurement) and below:
-        check.met.append(describe("Urine protein", protein, facts.today, None))
+        check.met.append(describe("Urine protein", protein, facts.today, CIDOFOVIR_LAB_WINDOW_DAYS))
     elif isinstance(protein, Measurement):
         reason = (
             f"latest result ({protein.date.isoformat()}, {protein.source}) '{protein.shown()} mg/dL' does not say "
@@ -291,13 +294,18 @@ def compute(
     assert isinstance(weight, Measurement)
     inputs = list(renal.lines) + extra_inputs
     stale: list[StaleInput] = []
-    for fact, lab_set in (("weight", None), ("creatinine", "SerumCreatinine")):
-        measured = weight if fact == "weight" else renal.scr
-        window = FAMILY_BY_FACT[fact].freshness_days
+    windows: list[tuple[str, Measurement | MissingItem | Unusable | None, str | None, int | None]] = [
+        ("weight", weight, None, FAMILY_BY_FACT["weight"].freshness_days),
+        ("creatinine", renal.scr, "SerumCreatinine", FAMILY_BY_FACT["creatinine"].freshness_days),
+    ]
+    if drug == "cidofovir":  # the label: creatinine and urine protein within 48 hours before each dose
+        windows[1] = ("creatinine", renal.scr, "SerumCreatinine", CIDOFOVIR_LAB_WINDOW_DAYS)
+        windows.append(("urine_protein", facts.lab("urine_protein"), "UrineProtein", CIDOFOVIR_LAB_WINDOW_DAYS))
+    for fact, measured, lab_set, window in windows:
         if (
             isinstance(measured, Measurement)
-            and measured.stale
             and window is not None
+            and measured.age_days(facts.today) > window
             and (fact == "weight" or needs_renal)
         ):
             stale.append(StaleInput(FAMILY_BY_FACT[fact].label, measured, lab_set, window))

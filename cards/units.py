@@ -6,6 +6,7 @@ factor that converts it to the canonical unit of the quantity.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -95,10 +96,30 @@ _STRIP_SYNONYMS = {
 }
 
 
+_STRIP_GRADE = re.compile(r"^\s*(negative|neg|nil|trace|tr|[1-4]\s*\+|\+\s*[1-4]|\+{1,4})(?![\w+])", re.IGNORECASE)
+_STRIP_AMOUNT = re.compile(r"^\s*(<=|>=|≤|≥|<|>)?\s*(\d+(?:\.\d+)?)\s*(mg/dl|mg/l|g/l)\b", re.IGNORECASE)
+
+
 def normalise_strip_reading(text: str) -> str:
-    """A test-strip reading as the scale keys write it: "2 +", "++" → "2+"; "Trace" → "trace"."""
-    key = " ".join(text.strip().lower().split()).replace(" +", "+")
+    """A test-strip reading as the scale keys write it, from its leading grade: "2 +", "++", "+2",
+    "2+ (100 mg/dL)" → "2+"; "Trace" → "trace". Text with no leading grade is returned lower-cased."""
+    match = _STRIP_GRADE.match(text)
+    if match is None:
+        return " ".join(text.strip().lower().split())
+    key = "".join(match.group(1).lower().split())
+    if key.startswith("+") and key[1:].isdigit():
+        key = key[1:] + "+"  # "+2" → "2+"
     return _STRIP_SYNONYMS.get(key, key)
+
+
+def strip_amount(text: str) -> tuple[str, float] | None:
+    """A urine protein amount written as text with its unit (">= 300 mg/dL", "30 mg/dL", "0.3 g/L"): the
+    comparator ("" when exact) and the value in mg/dL; None when the text carries no amount with a known unit."""
+    match = _STRIP_AMOUNT.match(text)
+    if match is None:
+        return None
+    comparator = {"≤": "<=", "≥": ">="}.get(match.group(1) or "", match.group(1) or "")
+    return comparator, float(match.group(2)) * URINE_PROTEIN_TO_MG_DL[match.group(3).lower()]
 
 
 # CMV DNA → IU/mL (docs/clinical-basis.md §9: WHO IU/mL calibrated assays).

@@ -363,3 +363,54 @@ def test_cns_with_a_fitting_ganciclovir_draft_creates_foscarnet() -> None:
     assert card.summary == "CNS CMV disease: give IV ganciclovir plus IV foscarnet together"
     assert [a.type for a in card.suggestions[0].actions] == ["create"]
     assert doses(card) == [(5600, 1, 12, "h")]
+
+
+# --- urine protein as laboratories write it, within the label's 48 hours (docs/policy.md §2, §5) -------------
+
+
+@pytest.mark.parametrize(
+    ("text", "contraindicated"),
+    [
+        ("2+ (100 mg/dL)", True),
+        ("+2", True),
+        ("+++", True),
+        (">=300 mg/dL", True),
+        ("≥ 100 mg/dL", True),
+        ("1+ (30 mg/dL)", False),
+        ("30 mg/dL", False),
+        ("< 30 mg/dL", False),
+        ("0.2 g/L", False),
+    ],
+)
+def test_urine_protein_text_results(text: str, contraindicated: bool) -> None:
+    result = observation("5804-0", None, "", TODAY, valueString=text)
+    cards = run([cidofovir_draft()], [*base(), result], TODAY)
+    assert ("cidofovir-contraindicated" in rules_of(cards)) is contraindicated
+    if not contraindicated:
+        assert "dose-missing-data" not in rules_of(cards)
+
+
+def test_a_bare_number_without_a_unit_is_not_read_as_urine_protein() -> None:
+    """docs/policy.md §3: an unknown unit is missing, never guessed."""
+    result = observation("5804-0", None, "", TODAY, valueString="30")
+    card = run([cidofovir_draft()], [*base(), result], TODAY)[0]
+    assert card.rule_id == "dose-missing-data"
+    assert "urine protein" in card.detail
+
+
+@pytest.mark.parametrize(("days_ago", "repeat"), [(2, False), (3, True)])
+def test_cidofovir_labs_older_than_48_hours_are_repeated(days_ago: int, repeat: bool) -> None:
+    """Creatinine and urine protein within 48 h before each cidofovir dose (label): 3 days old is stale — used,
+    flagged, and both repeats are offered."""
+    resources = [
+        *without_code(base(scr=None), "2888-6"),
+        observation("2160-0", 1.0, "mg/dL", TODAY, days_ago=days_ago),
+        observation("2888-6", 10, "mg/dL", TODAY, days_ago=days_ago),
+    ]
+    cards = run([cidofovir_draft(dose_mg=None)], resources, TODAY)
+    card = by_rule(cards, "dose-adjust")
+    labels = [s.label for s in card.suggestions]
+    assert any(label.startswith("Repeat serum creatinine") for label in labels) is repeat
+    assert any(label.startswith("Repeat urine protein") for label in labels) is repeat
+    if repeat:
+        assert "window 2 days" in card.detail

@@ -11,7 +11,7 @@ from typing import Literal
 
 from cards import dosing, fhir_out
 from cards.dosing import Drug, Phase, Schedule
-from cards.facts import FAMILY_BY_FACT, Measurement, PatientFacts, ViralLoad
+from cards.facts import FAMILY_BY_FACT, FRESHNESS_DAYS, Measurement, PatientFacts, ViralLoad
 from cards.model import Action, Card, Indicator, Source, Suggestion
 from cards.orders import DraftDose, OrderFact, medication_sets
 from cards.regimen import Missing, MissingItem, NotRecommended, Regimen, StaleInput, compute
@@ -36,7 +36,7 @@ COURSE_SETS: dict[Drug, tuple[str, ...]] = {
 # course, with CMV GI disease), with CMV DNA undetectable or below the assay's quantification limit on a sample
 # taken during the course and at most 14 days ago (two weekly checks: an older result does not show today's state).
 COMPLETED_INDUCTION_DAYS = 14
-VIRAL_LOAD_CURRENT_DAYS = 14
+VIRAL_LOAD_CURRENT_DAYS = FRESHNESS_DAYS["viral_load"]
 DURATION_TEXT = "then reassess; continue until CMV DNA is undetectable"
 FOSCARNET_HYDRATION = (
     "Hydration (label): 750–1000 mL normal saline or 5% dextrose before the first infusion; then 750–1000 mL "
