@@ -16,6 +16,7 @@ service before they get here.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -419,10 +420,10 @@ class _FactBuilder:
                     self.facts.resistance = Evidence(
                         reference_of(observation), instant.date(), "UL97/UL54 mutation reported"
                     )
-        kind = next((name for name in VIRAL_LOAD_SETS if name in sets.coded), None) or next(
-            (name for name in VIRAL_LOAD_SETS if name in sets.matched), None
-        )
-        if kind is not None:
+        kind = next((name for name in VIRAL_LOAD_SETS if name in sets.coded), None)
+        if kind is None and not sets.matched.isdisjoint(VIRAL_LOAD_SETS):
+            kind = _viral_load_kind_by_unit(observation)  # named, not coded: the unit says which kind
+        if kind is not None and not _specimen_not_blood(observation):
             load = _viral_load(observation, kind, instant.date())
             if load is not None:
                 self._loads.append((instant, load))
@@ -546,6 +547,38 @@ def _ordinal_reading(observation: Mapping[str, Any], scale: Mapping[str, float])
     return (texts[0].strip()[:32] if texts else ""), None, ""
 
 
+# A CMV DNA result from another specimen (bronchoalveolar lavage, CSF, urine, tissue...) is not a blood viral load
+# (docs/policy.md §11), whatever its name; read from the specimen's display and the code's text.
+_NOT_BLOOD = re.compile(
+    r"\b(bal|bronch\w*|lavage|csf|cerebrospinal|urine|vitreous|aqueous|tissue|biopsy|saliva|amniotic|stool"
+    r"|sputum|respiratory)\b",
+    re.IGNORECASE,
+)
+# docs/policy.md §3: 10^12 IU/mL is beyond any assay's range; a larger value is a data error.
+VIRAL_LOAD_MAX_IU_ML = 1e12
+
+
+def _specimen_not_blood(observation: Mapping[str, Any]) -> bool:
+    specimen = observation.get("specimen")
+    texts = concept_texts(observation.get("code"))
+    if isinstance(specimen, dict) and isinstance(specimen.get("display"), str):
+        texts.append(specimen["display"])
+    return any(_NOT_BLOOD.search(text) for text in texts)
+
+
+def _viral_load_kind_by_unit(observation: Mapping[str, Any]) -> str:
+    """The kind of a CMV DNA result recognised by name only: log10 IU/mL, IU/mL or copies/mL by its unit, else
+    qualitative (a detected / not detected text)."""
+    quantity = observation.get("valueQuantity")
+    if not isinstance(quantity, dict):
+        return "CmvDnaQualitative"
+    if "log" in units.unit_label(quantity).lower():
+        return "CmvViralLoadLog10IU"
+    if units.quantity_in(quantity, units.VIRAL_LOAD_COPIES) is not None:
+        return "CmvViralLoadCopies"
+    return "CmvViralLoadIU"
+
+
 def _viral_load(observation: Mapping[str, Any], kind: str, when: dt.date) -> ViralLoad | None:
     source = reference_of(observation)
     quantity = observation.get("valueQuantity")
@@ -560,10 +593,10 @@ def _viral_load(observation: Mapping[str, Any], kind: str, when: dt.date) -> Vir
         ):
             # Some laboratories report log10 IU/mL under the IU code (docs/clinical-basis.md §9): the unit decides.
             log_value = units.quantity_in({**quantity, "code": "iu/ml"}, units.VIRAL_LOAD_TO_IU_ML)
-            # 10^12 IU/mL is beyond any assay's range: a larger log value is a data error (product limit).
-            iu = 10**log_value if log_value is not None and log_value < 12 else None
+            iu = 10**log_value if log_value is not None and log_value < math.log10(VIRAL_LOAD_MAX_IU_ML) else None
         elif kind == "CmvViralLoadIU":
             iu = units.quantity_in(quantity, units.VIRAL_LOAD_TO_IU_ML)
+            iu = iu if iu is None or iu < VIRAL_LOAD_MAX_IU_ML else None
         elif kind == "CmvViralLoadCopies":
             copies = units.quantity_in(quantity, units.VIRAL_LOAD_COPIES)
     if iu is not None and iu <= 0:

@@ -414,3 +414,33 @@ def test_cidofovir_labs_older_than_48_hours_are_repeated(days_ago: int, repeat: 
     assert any(label.startswith("Repeat urine protein") for label in labels) is repeat
     if repeat:
         assert "window 2 days" in card.detail
+
+
+# --- CMV DNA results: specimen, named-only results, implausible values (docs/policy.md §3, §11) ----------------
+
+
+def test_a_cmv_dna_result_in_lavage_is_not_the_blood_viral_load() -> None:
+    """After a completed induction, blood CMV DNA 2,000 IU/mL 3 days ago; today's BAL 'Not detected' (specimen
+    bronchoalveolar lavage) does not make the blood undetectable: induction continues, 900 mg twice daily."""
+    blood = observation("72493-0", 2000, "[IU]/mL", TODAY, days_ago=3)
+    lavage = undetectable_viral_load(days_ago=0)
+    lavage["specimen"] = {"display": "Bronchoalveolar lavage fluid"}
+    cards = run([maintenance_draft()], [*base(), completed_induction(), blood, lavage], TODAY)
+    assert doses(by_rule(cards, "dose-adjust")) == [(900, 2, 1, "d")]
+
+
+def test_a_named_cmv_dna_result_in_copies_is_read_by_its_unit() -> None:
+    """No LOINC coding, 'CMV DNA PCR' 5,000 copies/mL after an earlier undetectable result: detectable, so the
+    completed course does not move to maintenance."""
+    named = observation("", 5000, "copies/mL", TODAY, days_ago=0, code={"text": "CMV DNA PCR, plasma"})
+    resources = [*base(), completed_induction(), undetectable_viral_load(days_ago=3), named]
+    cards = run([maintenance_draft()], resources, TODAY)
+    assert doses(by_rule(cards, "dose-adjust")) == [(900, 2, 1, "d")]
+
+
+@pytest.mark.parametrize(("value", "to_iv"), [(2e5, True), (5e12, False)])
+def test_a_viral_load_beyond_any_assay_is_a_data_error(value: float, to_iv: bool) -> None:
+    """≥ 10^12 IU/mL is implausible (docs/policy.md §3): it does not steer oral valganciclovir to IV."""
+    load = observation("72493-0", value, "[IU]/mL", TODAY)
+    cards = run([draft("valganciclovir", "313566", route="oral")], [*base(), load], TODAY)
+    assert ("valganciclovir-to-iv" in rules_of(cards)) is to_iv
