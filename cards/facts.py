@@ -366,7 +366,11 @@ class _FactBuilder:
                     medications.append(fact)
             elif kind == "Patient" and ident == self.patient_id:
                 self._patient(resource)
-        for order in other_draft_orders:
+        # Drafts of this ordering session: the other drafts, and selected drafts that are not CMV antivirals (at
+        # order-sign every draft is selected: an imipenem or probenecid signed with ganciclovir is one of them).
+        selected_orders = tuple(selected_orders)
+        selected = [order for order in selected_orders if isinstance(order, dict) and cmv_drug(order) is None]
+        for order in (*other_draft_orders, *selected):
             if isinstance(order, dict) and order.get("resourceType") == "MedicationRequest":
                 fact = medication_fact(order, draft=True)
                 if fact is not None:

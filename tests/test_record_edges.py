@@ -444,3 +444,27 @@ def test_a_viral_load_beyond_any_assay_is_a_data_error(value: float, to_iv: bool
     load = observation("72493-0", value, "[IU]/mL", TODAY)
     cards = run([draft("valganciclovir", "313566", route="oral")], [*base(), load], TODAY)
     assert ("valganciclovir-to-iv" in rules_of(cards)) is to_iv
+
+
+# --- drafts of this ordering session (order-sign selects every draft) -----------------------------------------
+
+
+def test_an_older_probenecid_order_does_not_stand_in_for_the_cidofovir_regimen() -> None:
+    """Probenecid 500 mg twice daily for gout is active: the cidofovir card still proposes 2 g before and 1 g at 2 h
+    and 8 h after each dose (label); only a probenecid drafted with this order suppresses it."""
+    gout = medication("probenecid 500 mg tablet", TODAY, started_days_ago=200, route="oral")
+    cards = run([cidofovir_draft()], [*base(), observation("2888-6", 10, "mg/dL", TODAY), gout], TODAY)
+    assert "cidofovir-probenecid-hydration" in rules_of(cards)
+    drafted = draft("probenecid", None, dose_mg=2000, route="oral", draft_id="draft-prob")
+    drafted["medicationCodeableConcept"] = {"text": "probenecid 500 mg tablet"}
+    for selected, others in (([cidofovir_draft()], [drafted]), ([cidofovir_draft(), drafted], [])):
+        cards = run(selected, [*base(), observation("2888-6", 10, "mg/dL", TODAY)], TODAY, others=others)
+        assert "cidofovir-probenecid-hydration" not in rules_of(cards)
+
+
+def test_an_interacting_draft_signed_with_ganciclovir_is_read() -> None:
+    """order-sign selects every draft: imipenem-cilastatin signed with ganciclovir gets the interaction card
+    (label: seizures)."""
+    imipenem = draft("imipenem-cilastatin 500 mg IV", None, route="IV", draft_id="draft-imi")
+    cards = run([gcv_draft(), imipenem], base(), TODAY)
+    assert "imipenem" in by_rule(cards, "interactions").detail.lower()

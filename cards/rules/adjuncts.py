@@ -28,8 +28,8 @@ STEP_DOWN_MIN_IV_DAYS = 3
 def cidofovir_adjuncts(ctx: Context, order: OrderFact) -> list[Card]:
     """Probenecid (2 g 3 h before; 1 g at 2 h and 8 h after) and 1 L saline before each dose, each its own
     MedicationRequest (Vistide label, Dosage and Administration; docs/policy.md §6)."""
-    if order.drug != "cidofovir" or ctx.already_ordered("Probenecid"):
-        return []
+    if order.drug != "cidofovir" or any(m.draft and "Probenecid" in m.sets for m in ctx.facts.medications):
+        return []  # drafted with this order: the clinician is ordering it (an older probenecid is not this regimen)
     regimen = ctx.regimen("cidofovir", ctx.phase("cidofovir", order))
     if not isinstance(regimen, Regimen):
         return []
