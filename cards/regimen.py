@@ -229,7 +229,8 @@ def cidofovir_criteria(facts: PatientFacts, renal: RenalInputs) -> CidofovirChec
         check.missing.append(MissingItem(FAMILY_BY_FACT["urine_protein"].label, reason, "UrineProtein"))
     else:
         check.missing.append(protein)
-    lookback = facts.today - dt.timedelta(days=NEPHROTOXIC_LOOKBACK_DAYS)
+    # The label: such agents "must be discontinued at least seven days prior": given today-6 .. today bars cidofovir.
+    lookback = facts.today - dt.timedelta(days=NEPHROTOXIC_LOOKBACK_DAYS - 1)
     recent = [
         m
         for m in facts.medications

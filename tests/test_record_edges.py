@@ -468,3 +468,13 @@ def test_an_interacting_draft_signed_with_ganciclovir_is_read() -> None:
     imipenem = draft("imipenem-cilastatin 500 mg IV", None, route="IV", draft_id="draft-imi")
     cards = run([gcv_draft(), imipenem], base(), TODAY)
     assert "imipenem" in by_rule(cards, "interactions").detail.lower()
+
+
+@pytest.mark.parametrize(("ended_days_ago", "barred"), [(6, True), (7, False)])
+def test_a_nephrotoxic_drug_discontinued_seven_days_before_allows_cidofovir(ended_days_ago: int, barred: bool) -> None:
+    """Label: nephrotoxic agents "must be discontinued at least seven days prior to starting" cidofovir."""
+    ampho = medication(
+        "amphotericin B 50 mg IV", TODAY, started_days_ago=20, status="stopped", ended_days_ago=ended_days_ago
+    )
+    resources = [*base(), observation("2888-6", 20, "mg/dL", TODAY), ampho]
+    assert ("cidofovir-contraindicated" in rules_of(run([cidofovir_draft()], resources, TODAY))) is barred
