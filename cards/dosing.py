@@ -30,11 +30,13 @@ class Band:
     unit: str
 
     def contains(self, value: float) -> bool:
+        """Whether ``value`` lies in the band (each edge open or closed as the label writes it)."""
         if self.low is not None and (value < self.low or (value == self.low and not self.low_closed)):
             return False
         return not (self.high is not None and (value > self.high or (value == self.high and not self.high_closed)))
 
     def label(self) -> str:
+        """The band as the card prints it ("≥ 70 mL/min", "50–69 mL/min")."""
         if self.low is None and self.high is not None:
             return f"{'≤' if self.high_closed else '<'} {self.high:g} {self.unit}"
         if self.high is None and self.low is not None:
@@ -45,26 +47,32 @@ class Band:
 
 
 def at_least(low: float, unit: str) -> Band:
+    """A band low ≤ x (closed below, unbounded above)."""
     return Band(low, True, None, False, unit)
 
 
 def above(low: float, unit: str) -> Band:
+    """A band low < x (open below, unbounded above)."""
     return Band(low, False, None, False, unit)
 
 
 def below(high: float, unit: str) -> Band:
+    """A band x < high (unbounded below, open above)."""
     return Band(None, False, high, False, unit)
 
 
 def closed_open(low: float, high: float, unit: str) -> Band:
+    """A band low ≤ x < high."""
     return Band(low, True, high, False, unit)
 
 
 def open_closed(low: float, high: float, unit: str) -> Band:
+    """A band low < x ≤ high."""
     return Band(low, False, high, True, unit)
 
 
 def closed(low: float, high: float, unit: str) -> Band:
+    """A band low ≤ x ≤ high."""
     return Band(low, True, high, True, unit)
 
 
@@ -116,6 +124,7 @@ class DoseRow:
         return self.schedule is not None
 
     def dose_text(self) -> str:
+        """The row's dose and schedule as the label writes them ("5 mg/kg every 12 hours")."""
         if self.schedule is None:
             return "not recommended"
         amount = f"{self.mg_per_kg:g} mg/kg" if self.mg_per_kg is not None else f"{self.fixed_mg:g} mg"

@@ -43,9 +43,9 @@ Sex = Literal["male", "female", "other", "unknown"]
 # unit, typo) and is treated as unusable, so no dose is computed from it, and the card says so.
 MAX_PLAUSIBLE_AGE_YEARS = 125
 
-# docs/policy.md §6: a positive hCG "within 30 days" counts as pregnancy.
+# docs/policy.md §9: a positive hCG "within 30 days" counts as pregnancy.
 PREGNANCY_TEST_WINDOW_DAYS = 30
-# docs/clinical-basis.md §4.4: a nephrotoxic agent "in the last 7 days" bars cidofovir.
+# docs/clinical-basis.md §5.2: a nephrotoxic agent "in the last 7 days" bars cidofovir.
 NEPHROTOXIC_LOOKBACK_DAYS = 7
 
 # docs/policy.md §2: Observations with these statuses are ignored ("preliminary" only when it has no value).
@@ -67,7 +67,7 @@ _MUTATION = re.compile(r"\b[A-Z]\d{3}[A-Z]\b")
 @dataclass(frozen=True)
 class LabFamily:
     """One measured value the rules read, from a family of codes (one ValueSet): the latest usable-status
-    result across the family wins (docs/policy.md §2, "Lab code families")."""
+    result across the family wins (docs/policy.md §11, "Lab code families")."""
 
     fact: str  # the PatientFacts attribute
     set_name: str  # the ValueSet of the family (fhir_profiles/valuesets)
@@ -238,6 +238,7 @@ class PatientFacts:
         return [m for m in self.medications if set_name in m.sets and m.active_on(day)]
 
     def lab(self, fact: str) -> Measurement | Unusable | None:
+        """The latest result of a lab fact (``LabFamily.fact``): a Measurement, why it is unusable, or None."""
         value: Measurement | Unusable | None = getattr(self, fact)
         return value
 
@@ -439,7 +440,7 @@ class _FactBuilder:
                 setattr(self.facts, family.fact, _measure(latest, family, self.today))
 
     def _positive_pregnancy_test(self) -> Evidence | None:
-        """The latest pregnancy test within 30 days decides (docs/policy.md §6)."""
+        """The latest pregnancy test within 30 days decides (docs/policy.md §9)."""
         if not self._pregnancy_tests:
             return None
         latest = max(self._pregnancy_tests, key=lambda item: item.instant)

@@ -81,6 +81,7 @@ class DoseSpec:
     sequence: int | None = None
 
     def to_fhir(self) -> dict[str, Any]:
+        """The FHIR R4 Dosage this spec describes (docs/policy.md §13)."""
         repeat: dict[str, Any] = {
             "frequency": self.schedule.frequency,
             "period": self.schedule.period,
@@ -105,6 +106,10 @@ class DoseSpec:
                 }
             ],
         }
+        if self.schedule.after_dialysis:
+            # Timing has no event code for dialysis: the instruction carries it, so a client that shows the
+            # structured dosage (not its text) still says when to give it.
+            dosage["additionalInstruction"] = [{"text": "after each hemodialysis session"}]
         if self.sequence is not None:
             dosage["sequence"] = self.sequence
         return dosage

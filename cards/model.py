@@ -60,6 +60,7 @@ class Coding:
     display: str | None = None
 
     def to_json(self) -> dict[str, str]:
+        """The CDS Hooks / FHIR JSON of this value."""
         data = {"system": self.system, "code": self.code}
         if self.display:
             data["display"] = self.display
@@ -72,6 +73,7 @@ class Source:
     url: str | None = None
 
     def to_json(self, topic: Coding) -> dict[str, Any]:
+        """The CDS Hooks JSON of this value."""
         data: dict[str, Any] = {"label": self.label, "topic": topic.to_json()}
         if self.url:
             data["url"] = self.url
@@ -86,6 +88,7 @@ class Action:
     resource_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """The CDS Hooks JSON of this value."""
         data: dict[str, Any] = {"type": self.type, "description": self.description}
         if self.resource is not None:
             data["resource"] = self.resource
@@ -102,6 +105,7 @@ class Suggestion:
     uuid: str = field(default_factory=new_uuid)
 
     def to_json(self) -> dict[str, Any]:
+        """The CDS Hooks JSON of this value."""
         data: dict[str, Any] = {"label": self.label, "uuid": self.uuid, "isRecommended": self.is_recommended}
         if self.actions:
             data["actions"] = [action.to_json() for action in self.actions]
@@ -114,6 +118,7 @@ class Link:
     url: str
 
     def to_json(self) -> dict[str, str]:
+        """The CDS Hooks JSON of this value."""
         return {"label": self.label, "url": self.url, "type": "absolute"}
 
 
@@ -143,6 +148,7 @@ class Card:
         return Coding(TOPIC_SYSTEM, self.rule_id, self.rule_id.replace("-", " "))
 
     def to_json(self) -> dict[str, Any]:
+        """The CDS Hooks JSON of this card."""
         data: dict[str, Any] = {
             "uuid": self.uuid,
             "summary": self.summary,

@@ -231,6 +231,10 @@ def _dosage_words(dosage: Mapping[str, Any]) -> str:
     repeat = timing.get("repeat") if isinstance(timing, dict) else None
     if isinstance(repeat, dict):
         parts += [words for words in (_timing_words(repeat), _bounds_words(repeat)) if words]
+    instructions = dosage.get("additionalInstruction")
+    for instruction in instructions if isinstance(instructions, list) else ():
+        if isinstance(instruction, dict) and isinstance(instruction.get("text"), str):
+            parts.append(f"({instruction['text']})")
     return " ".join(parts)
 
 

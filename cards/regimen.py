@@ -91,6 +91,7 @@ class Regimen:
         return self.row.hemodialysis and not self.on_dialysis and self.row.schedule is not None
 
     def summary_text(self) -> str:
+        """The regimen in a few words ("ganciclovir 400 mg IV every 12 hours")."""
         return f"{self.drug} {self.dose_mg:g} mg {'IV' if self.route == 'iv' else 'PO'} {self.schedule.text}"
 
 
@@ -242,10 +243,12 @@ def cidofovir_criteria(facts: PatientFacts, renal: RenalInputs) -> CidofovirChec
     return check
 
 
-def _not_recommended(drug: Drug, phase: Phase, facts: PatientFacts, renal: RenalInputs) -> NotRecommended | None:
-    """A "not recommended" the available data proves (docs/policy.md §10), whatever else is missing."""
-    if drug == "cidofovir":
-        check = cidofovir_criteria(facts, renal)
+def _not_recommended(
+    drug: Drug, phase: Phase, facts: PatientFacts, renal: RenalInputs, check: CidofovirCheck | None
+) -> NotRecommended | None:
+    """A "not recommended" the available data proves (docs/policy.md §10), whatever else is missing. ``check``:
+    the cidofovir start criteria, for cidofovir."""
+    if check is not None:
         if not check.failed:
             return None
         return NotRecommended(
@@ -278,15 +281,15 @@ def compute(
 ) -> Regimen | Missing | NotRecommended:
     """The regimen of ``drug`` for this patient, per the label table and docs/policy.md §4-§6."""
     renal = renal_inputs(facts)
-    verdict = _not_recommended(drug, phase, facts, renal)
+    check = cidofovir_criteria(facts, renal) if drug == "cidofovir" else None
+    verdict = _not_recommended(drug, phase, facts, renal, check)
     if verdict is not None:
         return verdict
     on_dialysis = facts.dialysis is not None
     needs_renal = not (on_dialysis and drug in ("ganciclovir", "valganciclovir", "foscarnet"))
     missing = _renal_missing(renal, needs_renal)
     extra_inputs: list[str] = []
-    if drug == "cidofovir":
-        check = cidofovir_criteria(facts, renal)
+    if check is not None:
         missing += [item for item in check.missing if item.label not in {m.label for m in missing}]
         extra_inputs = [*check.met, f"Cidofovir start criteria met ({_CIDOFOVIR_CRITERIA})"]
     if missing:

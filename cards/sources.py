@@ -27,6 +27,7 @@ class Label:
         return DAILYMED + self.setid
 
     def section(self, section: str) -> Source:
+        """A Source citing one section of this label."""
         return Source(f"{self.name}, {section}", self.url)
 
 

@@ -130,6 +130,7 @@ class Course:
     days_given: int
 
     def ongoing(self, today: dt.date) -> bool:
+        """Whether the course is still running on ``today``."""
         return self.end is None or self.end >= today
 
 

@@ -69,6 +69,7 @@ class DraftSchema:
                     self._choice[(*where, "oneOf")] = names
 
     def is_valid(self, resource: Any) -> bool:
+        """Whether ``instance`` validates against the schema."""
         return bool(self._validator.is_valid(resource))
 
     def first_error(self, resource: Any) -> tuple[list[str | int], str] | None:

@@ -110,6 +110,7 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 
 
 def error_response(error: CdsError) -> Response:
+    """The HTTP response for a CdsError: an OperationOutcome, with WWW-Authenticate on 401."""
     headers = {"WWW-Authenticate": 'Bearer realm="cds-services"'} if error.status == 401 else None
     body = operation_outcome(error.message, issue_code=error.issue_code, expression=error.expression)
     return json_response(body, status=error.status, headers=headers)

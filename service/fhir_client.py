@@ -60,6 +60,7 @@ class FetchBudget:
         self._expired = False
 
     def remaining(self) -> float:
+        """Seconds left in the hook's FHIR budget (negative once it is spent)."""
         return self.deadline - self._clock()
 
     @property
@@ -201,6 +202,7 @@ class FhirServer:
         return _within(self.base_url, url)
 
     def url_for(self, relative: str) -> str:
+        """The absolute URL of a relative FHIR query on this server."""
         return self.base_url.rstrip("/") + "/" + relative.lstrip("/")
 
     def get_json(self, url: str, session: requests.Session) -> dict[str, Any] | None:

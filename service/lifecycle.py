@@ -17,6 +17,7 @@ def start_draining() -> None:
 
 
 def is_draining() -> bool:
+    """Whether this process is shutting down."""
     return _DRAINING.is_set()
 
 

@@ -152,6 +152,7 @@ _MESSAGE_KINDS = (
 
 
 def method_label(method: str) -> str:
+    """An HTTP method as a bounded label value."""
     return method if method in _METHODS else "other"
 
 
@@ -204,6 +205,7 @@ def fhir_fetch_timer(prefetch_key: str) -> Iterator[None]:
 
 
 def count_fhir_fetch_error(prefetch_key: str, error: FhirFetchError) -> None:
+    """Count one failed FHIR fetch by prefetch key and kind."""
     FHIR_FETCH_ERRORS.labels(prefetch_key, fetch_error_kind(error)).inc()
 
 
@@ -230,10 +232,12 @@ def count_audit_rows(outcome: str, count: int) -> None:
 
 
 def count_audit_retry() -> None:
+    """Count one retried audit write."""
     AUDIT_RETRIES.inc()
 
 
 def set_audit_spool_bytes(size: int) -> None:
+    """Record the size of the audit spool file."""
     AUDIT_SPOOL_BYTES.set(size)
 
 

@@ -85,6 +85,7 @@ class ServiceDefinition:
         return prefetch_templates()
 
     def discovery_json(self) -> dict[str, Any]:
+        """The service's entry in the discovery response."""
         return {
             "hook": self.hook,
             "id": self.id,

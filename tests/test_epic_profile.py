@@ -315,3 +315,20 @@ def test_oral_route_in_words() -> None:
         regimen_words(_proposal({"frequency": 2, "period": 1, "periodUnit": "d"}, "26643006"))
         == "400 mg PO twice daily"
     )
+
+
+def test_the_hemodialysis_schedule_is_in_the_structured_dosage_and_in_epics_words(
+    answers: dict[str, Answers],
+) -> None:
+    """Dialysis: IV ganciclovir on the label's < 10 mL/min row, 3 times weekly after each hemodialysis session.
+    Timing has no dialysis event, so the proposal carries it as an additional instruction, and Epic, which shows
+    the action's description, names it too."""
+    case = answers["scenario:valganciclovir-dialysis"]
+    [default_create] = [m for card in case.default for m in created_medications(card)]
+    dosage = default_create["dosageInstruction"][0]
+    repeat = dosage["timing"]["repeat"]
+    assert (repeat["frequency"], repeat["period"], repeat["periodUnit"]) == (3, 1, "wk")
+    assert dosage["additionalInstruction"] == [{"text": "after each hemodialysis session"}]
+    MedicationRequest.model_validate(default_create)
+    descriptions = [a["description"] for card in case.epic for a in actions_of(card) if a["type"] == "create"]
+    assert any("3 times weekly for 21 days (after each hemodialysis session)" in d for d in descriptions), descriptions

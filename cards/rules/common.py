@@ -118,10 +118,12 @@ def completed_induction(facts: PatientFacts, drug: Drug) -> tuple[Phase, str | N
 
 
 def summary(text: str) -> str:
+    """``text`` cut to the spec's 140-character summary limit."""
     return text if len(text) < 140 else text[:136].rstrip() + "…"
 
 
 def route_text(route: str) -> str:
+    """The route as the cards write it: IV or PO."""
     return "IV" if route == "iv" else "PO"
 
 
@@ -142,6 +144,7 @@ def regimen_text(regimen: Regimen) -> str:
 
 
 def computation_lines(regimen: Regimen) -> list[str]:
+    """Detail lines showing how a regimen was computed: inputs, band, dose arithmetic, warnings."""
     lines = [f"- {line}" for line in regimen.inputs]
     lines.append(f"- Band: {regimen.band_text} → {regimen.row.dose_text()} ({regimen.row.source})")
     if regimen.row.mg_per_kg is not None and regimen.weight is not None:
@@ -166,6 +169,7 @@ def regimen_note(regimen: Regimen) -> str:
 
 
 def dose_spec(regimen: Regimen) -> fhir_out.DoseSpec:
+    """The FHIR dosage of a proposed regimen."""
     return fhir_out.DoseSpec(
         text=f"{regimen.drug} {regimen_text(regimen)}",
         amount=regimen.dose_mg,
@@ -207,6 +211,7 @@ def fits_regimen(ctx: Context, order: OrderFact, regimen: Regimen) -> bool:
 
 
 def create_action(ctx: Context, regimen: Regimen) -> Action:
+    """A ``create`` action for a new MedicationRequest of the regimen."""
     resource = fhir_out.new_medication_request(
         ctx.patient_id,
         fhir_out.medication_concept(DRUG_SET[regimen.drug]),
@@ -217,6 +222,7 @@ def create_action(ctx: Context, regimen: Regimen) -> Action:
 
 
 def update_action(order: OrderFact, regimen: Regimen) -> Action:
+    """An ``update`` action rewriting the selected draft to the regimen (its id and other fields kept)."""
     resource = fhir_out.updated_medication_request(
         order.resource, dose_spec(regimen), regimen_note(regimen), DRUG_SET[regimen.drug]
     )
@@ -224,6 +230,7 @@ def update_action(order: OrderFact, regimen: Regimen) -> Action:
 
 
 def delete_action(order: OrderFact) -> Action:
+    """A ``delete`` action removing the selected draft."""
     return Action("delete", f"Remove the selected {order.drug} order", resource_id=f"MedicationRequest/{order.id}")
 
 
@@ -236,6 +243,7 @@ def lab_order(
     duration: int | None = None,
     frequency_max: int | None = None,
 ) -> Action:
+    """A ``create`` action for a ServiceRequest of the lab set's test (docs/policy.md §13)."""
     resource = fhir_out.service_request(ctx.patient_id, lab_set, text, note, schedule, duration)
     if frequency_max is not None and "occurrenceTiming" in resource:
         resource["occurrenceTiming"]["repeat"]["frequencyMax"] = frequency_max
@@ -243,6 +251,7 @@ def lab_order(
 
 
 def missing_lines(items: Sequence[MissingItem]) -> list[str]:
+    """Detail lines naming each missing value and why."""
     return [f"- **{item.label}**: {item.reason}" for item in items]
 
 
@@ -279,6 +288,7 @@ def stale_suggestions(ctx: Context, stale: Sequence[StaleInput]) -> list[Suggest
 
 
 def stale_lines(stale: Sequence[StaleInput], today: dt.date) -> list[str]:
+    """Detail lines flagging each stale input with its age and window."""
     return [
         f"- ⚠ {item.label.capitalize()} is {item.measurement.age_days(today)} days old "
         f"(from {item.measurement.date.isoformat()}; window {item.window_days} days, {policy(2)}): "
@@ -303,6 +313,7 @@ def card(
     suggestions: Sequence[Suggestion] = (),
     behavior: Literal["at-most-one", "any"] = "any",
 ) -> Card:
+    """A card with its markdown detail joined from lines and the spec's selection behaviour set."""
     return Card(
         rule_id=rule_id,
         summary=summary(summary_text),
@@ -343,6 +354,7 @@ def viral_load_trend(facts: PatientFacts, start: dt.date) -> tuple[ViralLoad, Vi
 
 
 def vl_text(load: ViralLoad) -> str:
+    """A viral load as the cards write it, with date and source ("12,000 IU/mL on 2026-11-20 (Observation/vl-1)")."""
     if load.undetectable:
         value = "undetectable"
     elif load.iu_per_ml is not None:

@@ -117,6 +117,7 @@ def valganciclovir_not_recommended(ctx: Context, order: OrderFact) -> list[Card]
 
 
 def computation_text(verdict: NotRecommended) -> list[str]:
+    """The computation section of a not-recommended verdict (empty when it has no inputs)."""
     return ["**Computation**", *[f"- {line}" for line in verdict.inputs]] if verdict.inputs else []
 
 
