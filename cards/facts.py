@@ -54,13 +54,18 @@ _ACTIVE_CONDITION = frozenset({"active", "recurrence", "relapse"})
 _EXCLUDED_VERIFICATION = frozenset({"refuted", "entered-in-error"})
 
 # A result that reports nothing found: "not detected", "No CMV DNA detected", "no resistance mutations detected",
-# "wild type", "not found", "negative", "below the limit".
+# "wild type", "not found", "negative", "non-reactive", "below the limit", "<LLOQ", "TND" (target not detected).
+# A "no ... detected" reading names what was not found, so "No PCR inhibition detected" is not one.
+_ANALYTE = r"(cmv|hcmv|cytomegalovirus|viral|virus|dna|mutations?|resistance|variants?|hcg)"
 _UNDETECTED = re.compile(
-    r"\b(not detected|undetect\w*|negative|below|<\s*lloq|none detected|not found|wild[- ]?type"
-    r"|no\b[\w\s,/-]{0,60}?\b(detected|found|identified))\b",
+    r"\b(not detected|undetect\w*|negative|neg|non-?reactive|below|none detected|not found|wild[- ]?type|tnd"
+    rf"|no\b[\w\s,/-]{{0,40}}?\b{_ANALYTE}\b[\w\s,/-]{{0,40}}?\b(detected|found|identified))\b"
+    r"|<\s*lloq\b",
     re.IGNORECASE,
 )
-_DETECTED = re.compile(r"\b(detected|positive|reactive)\b", re.IGNORECASE)
+_DETECTED = re.compile(r"(?<!non-)(?<!not )\b(detected|positive|reactive)\b", re.IGNORECASE)
+# A genotype report is judged clause by clause: "UL97 M460V detected; UL54: wild type" reports a mutation.
+_CLAUSES = re.compile(r"[.;\n]+")
 _MUTATION = re.compile(r"\b[A-Z]\d{3}[A-Z]\b")
 
 
@@ -92,7 +97,7 @@ LAB_FAMILIES: tuple[LabFamily, ...] = (
         units.URINE_PROTEIN_TO_MG_DL,
         "mg/dL",
         "urine protein",
-        2,  # the cidofovir label: within 48 hours before each dose (docs/clinical-basis.md §5.4)
+        1,  # the cidofovir label: within 48 hours before each dose (docs/clinical-basis.md §5.4; regimen.py)
         None,
         ordinal=units.URINE_PROTEIN_STRIP_MG_DL,
     ),
@@ -246,6 +251,11 @@ class PatientFacts:
 # --- small readers -------------------------------------------------------------------------------------------------
 
 
+def days(count: int) -> str:
+    """A number of days in words: "1 day", "7 days"."""
+    return f"{count} day{'' if count == 1 else 's'}"
+
+
 def _observation_instant(observation: Mapping[str, Any]) -> dt.datetime | None:
     """When the observation was made (docs/policy.md §2: effectiveDateTime, else issued), to the second, so
     that two results on the same day are ordered correctly."""
@@ -283,6 +293,16 @@ def _value_texts(observation: Mapping[str, Any]) -> list[str]:
 
 def _reads_undetectable(observation: Mapping[str, Any]) -> bool:
     return any(_UNDETECTED.search(text) for text in _value_texts(observation))
+
+
+def _resistance_reported(observation: Mapping[str, Any]) -> bool:
+    """A clause of the report names a mutation or says detected, and does not say none was found ("No resistance
+    mutations detected (M460V, A594V screened)" is not one; "UL97 M460V detected; UL54: wild type" is)."""
+    return any(
+        (_MUTATION.search(clause) or _DETECTED.search(clause)) and not _UNDETECTED.search(clause)
+        for text in _value_texts(observation)
+        for clause in _CLAUSES.split(text)
+    )
 
 
 def _reads_detected(observation: Mapping[str, Any]) -> bool:
@@ -367,11 +387,11 @@ class _FactBuilder:
                     medications.append(fact)
             elif kind == "Patient" and ident == self.patient_id:
                 self._patient(resource)
-        # Drafts of this ordering session: the other drafts, and selected drafts that are not CMV antivirals (at
-        # order-sign every draft is selected: an imipenem or probenecid signed with ganciclovir is one of them).
+        # Drafts of this ordering session: the other drafts and the selected ones (at order-sign every draft is
+        # selected: imipenem signed with ganciclovir, foscarnet signed with cidofovir). Drafts are not therapy
+        # given (MedicationFact.given), and each rule leaves out the drug it is checking.
         selected_orders = tuple(selected_orders)
-        selected = [order for order in selected_orders if isinstance(order, dict) and cmv_drug(order) is None]
-        for order in (*other_draft_orders, *selected):
+        for order in (*other_draft_orders, *selected_orders):
             if isinstance(order, dict) and order.get("resourceType") == "MedicationRequest":
                 fact = medication_fact(order, draft=True)
                 if fact is not None:
@@ -417,18 +437,14 @@ class _FactBuilder:
                     self._latest[set_name] = _Latest(instant, observation)
             elif set_name == "PregnancyTest":
                 self._pregnancy_tests.append(_Latest(instant, observation))
-            elif set_name == "CmvResistance" and self.facts.resistance is None:
-                values = _value_texts(observation)
-                # A mutation named in a report of none found ("no mutation detected at codons M460V…") is not one.
-                found = any(_MUTATION.search(v) for v in values) or _reads_detected(observation)
-                if found and not _reads_undetectable(observation):
-                    self.facts.resistance = Evidence(
-                        reference_of(observation), instant.date(), "UL97/UL54 mutation reported"
-                    )
+            elif set_name == "CmvResistance" and self.facts.resistance is None and _resistance_reported(observation):
+                self.facts.resistance = Evidence(
+                    reference_of(observation), instant.date(), "UL97/UL54 mutation reported"
+                )
         kind = next((name for name in VIRAL_LOAD_SETS if name in sets.coded), None)
         if kind is None and not sets.matched.isdisjoint(VIRAL_LOAD_SETS):
             kind = _viral_load_kind_by_unit(observation)  # named, not coded: the unit says which kind
-        if kind is not None and not _specimen_not_blood(observation):
+        if kind is not None and "CmvResistance" not in sets.matched and not _specimen_not_blood(observation):
             load = _viral_load(observation, kind, instant.date())
             if load is not None:
                 self._loads.append((instant, load))
@@ -555,8 +571,8 @@ def _ordinal_reading(observation: Mapping[str, Any], scale: Mapping[str, float])
 # A CMV DNA result from another specimen (bronchoalveolar lavage, CSF, urine, tissue...) is not a blood viral load
 # (docs/policy.md §11), whatever its name; read from the specimen's display and the code's text.
 _NOT_BLOOD = re.compile(
-    r"\b(bal|bronch\w*|lavage|csf|cerebrospinal|urine|vitreous|aqueous|tissue|biopsy|saliva|amniotic|stool"
-    r"|sputum|respiratory)\b",
+    r"\b(bal|bronch\w*|lavage|csf|cerebrospinal|spinal|urine|vitreous|aqueous|ocular|tissue|biopsy|saliva|amniotic"
+    r"|stool|sputum|respiratory|pleural|peritoneal|pericardial|synovial|nasopharyn\w*|swab|throat|breast milk)\b",
     re.IGNORECASE,
 )
 # docs/policy.md §3: 10^12 IU/mL is beyond any assay's range; a larger value is a data error.
@@ -604,6 +620,7 @@ def _viral_load(observation: Mapping[str, Any], kind: str, when: dt.date) -> Vir
             iu = iu if iu is None or iu < VIRAL_LOAD_MAX_IU_ML else None
         elif kind == "CmvViralLoadCopies":
             copies = units.quantity_in(quantity, units.VIRAL_LOAD_COPIES)
+            copies = copies if copies is None or copies < VIRAL_LOAD_MAX_IU_ML else None  # same limit
     if iu is not None and iu <= 0:
         iu, undetectable = None, True
     if iu is None and copies is None and not undetectable:

@@ -54,7 +54,7 @@ class OrderFact:
 
 # --- medications --------------------------------------------------------------------------------------------------
 
-_ROUTE_IV = re.compile(r"\b(iv|intravenous\w*|i\.v\.)\b", re.IGNORECASE)
+_ROUTE_IV = re.compile(r"\b(iv|ivpb|ivp|iv piggyback|iv push|intravenous\w*|i\.v\.?)(?!\w)", re.IGNORECASE)
 _ROUTE_ORAL = re.compile(r"\b(po|oral\w*|by mouth|p\.o\.)\b", re.IGNORECASE)
 ROUTE_IV_SNOMED = "47625008"  # docs/policy.md §13: SNOMED CT intravenous route
 ROUTE_ORAL_SNOMED = "26643006"  # SNOMED CT oral route
@@ -99,19 +99,24 @@ def medication_concept(request: Mapping[str, Any]) -> Any:
     return None
 
 
-# A local (non-systemic) route or form, read from the route's text or display, the dosage text, or the medication's
-# name: ganciclovir ophthalmic gel or an intravitreal implant, tacrolimus ointment.
+# A local (non-systemic) route or dose form, read only when the route is neither coded nor written as IV or oral:
+# the route's text or display, the medication's name, the dosage text. The words name a route or a form
+# ("ophthalmic gel", "tacrolimus ointment", "apply"), not a body part: "CMV retinitis of the left eye" or
+# "avoid contact with skin" in an IV order's instructions say nothing about its route.
 _LOCAL = re.compile(
-    r"\b(topical\w*|ophthalmic|intravitreal|intraocular|eye|cutaneous|dermal|transdermal|skin|ointment|cream"
-    r"|lotion|gel|drops?|implant|mouthwash|rinse)\b",
+    r"\b(topical\w*|ophthalmic|ophth|intravitreal\w*|intraocular|cutaneous|transdermal|ointment|cream|lotion"
+    r"|eye ?drops?|eye gel|mouthwash|oral rinse|apply|instil\w*|instill\w*|implant)\b",
     re.IGNORECASE,
 )
+# Drug sets that count only as systemic therapy: a local form of these drugs does not act on the whole body.
+_SYSTEMIC_ONLY = frozenset({"Ganciclovir", "Immunosuppressants", "NephrotoxicDrugs", "MyelosuppressiveDrugs"})
 
 
 def _is_local(request: Mapping[str, Any]) -> bool:
+    if medication_route(request) in ("iv", "oral"):
+        return False
     dosage = _first_dosage(request)
-    route = dosage.get("route")
-    texts = [*concept_texts(route), *concept_texts(medication_concept(request))]
+    texts = [*concept_texts(dosage.get("route")), *concept_texts(medication_concept(request))]
     if isinstance(dosage.get("text"), str):
         texts.append(dosage["text"])
     return any(_LOCAL.search(text) for text in texts)
@@ -119,13 +124,16 @@ def _is_local(request: Mapping[str, Any]) -> bool:
 
 def medication_sets(request: Mapping[str, Any]) -> frozenset[str]:
     """The drug code sets (``DRUG_SETS``) a MedicationRequest's medication is in (``concept_in``), less those its
-    route rules out: ganciclovir counts only as the IV drug (or a draft with no route yet), an immunosuppressant
-    only when it is not applied locally (tacrolimus ointment does not suppress immunity)."""
+    route rules out: ganciclovir counts only as the IV drug (or a draft with no route yet); immunosuppressants,
+    nephrotoxic and myelosuppressive drugs only when not applied locally (tacrolimus ointment, tobramycin eye
+    drops: docs/policy.md §7)."""
     sets = concept_sets(medication_concept(request)).matched & _DRUG_SET_NAMES
-    if "Ganciclovir" in sets and (medication_route(request) in ("other", "oral") or _is_local(request)):
+    if sets.isdisjoint(_SYSTEMIC_ONLY):
+        return sets
+    if _is_local(request):
+        sets -= _SYSTEMIC_ONLY
+    if "Ganciclovir" in sets and medication_route(request) in ("other", "oral"):
         sets -= {"Ganciclovir"}
-    if "Immunosuppressants" in sets and _is_local(request):
-        sets -= {"Immunosuppressants"}
     return sets
 
 
@@ -162,10 +170,13 @@ _TIMING_CODES: dict[str, float] = {  # doses per hour for common HL7 v3 GTSAbbre
 }
 _PERIOD_HOURS = {"h": 1.0, "d": 24.0, "wk": 168.0, "min": 1 / 60, "s": 1 / 3600, "mo": 720.0}
 _MAINTENANCE = re.compile(r"\bmaintenance\b", re.IGNORECASE)
-# Wording that makes "maintenance" not the regimen now: a sequence ("900 mg twice daily for 21 days, then 900 mg
-# daily maintenance" begins with induction) or a negation ("not maintenance", "non-maintenance").
+# Wording that makes "maintenance" not the regimen now: a sequence that reaches maintenance later ("900 mg twice
+# daily for 21 days, then 900 mg daily maintenance", "induction before maintenance") or a negation ("not
+# maintenance"). "Maintenance after completed induction" and "maintenance; check CBC then adjust" stay maintenance.
 _NOT_MAINTENANCE_NOW = re.compile(
-    r"\b(induction|then|followed by|after which|thereafter)\b|\b(not|no|non)[\s-]+(a\s+)?maintenance\b", re.IGNORECASE
+    r"\b(then|followed by|thereafter|after which|before|prior to)\b.*\bmaintenance\b"
+    r"|\b(not|no|non)[\s-]+(a\s+)?maintenance\b",
+    re.IGNORECASE | re.DOTALL,
 )
 
 

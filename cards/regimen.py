@@ -15,7 +15,7 @@ from typing import Literal
 
 from cards import dosing
 from cards.dosing import DoseRow, Drug, Phase, Schedule
-from cards.facts import FAMILY_BY_FACT, NEPHROTOXIC_LOOKBACK_DAYS, Measurement, PatientFacts, Unusable
+from cards.facts import FAMILY_BY_FACT, NEPHROTOXIC_LOOKBACK_DAYS, Measurement, PatientFacts, Unusable, days
 from cards.renal import Clearance, DosingWeight, cockcroft_gault, dosing_weight
 
 ROUTE: dict[Drug, Literal["iv", "oral"]] = {
@@ -24,8 +24,10 @@ ROUTE: dict[Drug, Literal["iv", "oral"]] = {
     "foscarnet": "iv",
     "cidofovir": "iv",
 }
-# docs/clinical-basis.md §5.4: serum creatinine and urine protein within 48 hours before each cidofovir dose.
-CIDOFOVIR_LAB_WINDOW_DAYS = 2
+# docs/clinical-basis.md §5.4: serum creatinine and urine protein within 48 hours before each cidofovir dose. Results
+# carry a date, not always a time: one dated today or yesterday is within 48 hours at any hour today; one from
+# the day before may be up to 72 hours old, so it is stale (used, flagged, a repeat offered).
+CIDOFOVIR_LAB_WINDOW_DAYS = 1
 _CIDOFOVIR_CRITERIA = "Vistide label, Contraindications and Dosage and Administration (docs/clinical-basis.md §5.2)"
 
 
@@ -98,7 +100,7 @@ class Regimen:
 def describe(label: str, m: Measurement, today: dt.date, window: int | None) -> str:
     """One computation line: value, unit, date, source, code used, and staleness (docs/policy.md §2)."""
     old = window is not None and m.age_days(today) > window
-    stale = f" — STALE: {m.age_days(today)} days old (window {window} days)" if old else ""
+    stale = f" — STALE: {m.age_days(today)} days old (window {days(window or 0)})" if old else ""
     reading = f"{m.reading} (≈ {m.value:g} {m.unit})" if m.reading else f"{m.comparator}{m.value:.4g} {m.unit}"
     code = f"; {m.code}" if m.code else ""
     return f"{label}: {reading} on {m.date.isoformat()} ({m.source}{code}){stale}"

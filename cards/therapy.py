@@ -141,9 +141,12 @@ def current_course(
     when each starts within ``gap_days`` of the previous end. Only therapy given counts (``MedicationFact.given``),
     and a stopped order whose planned end is still ahead counts to its start date only: when it stopped is unknown."""
     spans = sorted(
-        (m.start, _given_end(m, today))
-        for m in medications
-        if m.given and m.start is not None and not m.sets.isdisjoint(sets)
+        (
+            (m.start, _given_end(m, today))
+            for m in medications
+            if m.given and m.start is not None and not m.sets.isdisjoint(sets)
+        ),
+        key=lambda span: span[0],  # by start only: an ongoing order's end is None, not comparable with a date
     )
     courses: list[Course] = []
     for start, end in spans:
@@ -164,7 +167,9 @@ def current_course(
 
 
 def _given_end(order: MedicationFact, today: dt.date) -> dt.date | None:
-    if order.status == "stopped" and (order.end is None or order.end > today):
+    """The last day an order is known to have been given: a stopped or completed order whose planned end is still
+    ahead ended on a day the record does not give, so only its start is known."""
+    if order.status in ("stopped", "completed") and (order.end is None or order.end > today):
         return order.start
     return order.end
 

@@ -398,9 +398,10 @@ def test_a_bare_number_without_a_unit_is_not_read_as_urine_protein() -> None:
     assert "urine protein" in card.detail
 
 
-@pytest.mark.parametrize(("days_ago", "repeat"), [(2, False), (3, True)])
+@pytest.mark.parametrize(("days_ago", "repeat"), [(0, False), (1, False), (2, True)])
 def test_cidofovir_labs_older_than_48_hours_are_repeated(days_ago: int, repeat: bool) -> None:
-    """Creatinine and urine protein within 48 h before each cidofovir dose (label): 3 days old is stale — used,
+    """Creatinine and urine protein within 48 h before each cidofovir dose (label). Dated results: yesterday's is
+    within 48 hours at any hour today; one from the day before may be up to 72 hours old, so it is stale — used,
     flagged, and both repeats are offered."""
     resources = [
         *without_code(base(scr=None), "2888-6"),
@@ -413,7 +414,7 @@ def test_cidofovir_labs_older_than_48_hours_are_repeated(days_ago: int, repeat: 
     assert any(label.startswith("Repeat serum creatinine") for label in labels) is repeat
     assert any(label.startswith("Repeat urine protein") for label in labels) is repeat
     if repeat:
-        assert "window 2 days" in card.detail
+        assert "window 1 day," in card.detail
 
 
 # --- CMV DNA results: specimen, named-only results, implausible values (docs/policy.md §3, §11) ----------------
@@ -451,15 +452,31 @@ def test_a_viral_load_beyond_any_assay_is_a_data_error(value: float, to_iv: bool
 
 def test_an_older_probenecid_order_does_not_stand_in_for_the_cidofovir_regimen() -> None:
     """Probenecid 500 mg twice daily for gout is active: the cidofovir card still proposes 2 g before and 1 g at 2 h
-    and 8 h after each dose (label); only a probenecid drafted with this order suppresses it."""
+    and 8 h after each dose (label); a probenecid drafted in this session (in the context or prefetched as a draft)
+    leaves only the saline prehydration to propose."""
     gout = medication("probenecid 500 mg tablet", TODAY, started_days_ago=200, route="oral")
     cards = run([cidofovir_draft()], [*base(), observation("2888-6", 10, "mg/dL", TODAY), gout], TODAY)
-    assert "cidofovir-probenecid-hydration" in rules_of(cards)
+    (probenecid, _saline) = by_rule(cards, "cidofovir-probenecid-hydration").suggestions[0].actions
+    assert probenecid.resource is not None
+    assert [d["doseAndRate"][0]["doseQuantity"]["value"] for d in probenecid.resource["dosageInstruction"]] == [
+        2000,
+        1000,
+        1000,
+    ]
     drafted = draft("probenecid", None, dose_mg=2000, route="oral", draft_id="draft-prob")
     drafted["medicationCodeableConcept"] = {"text": "probenecid 500 mg tablet"}
-    for selected, others in (([cidofovir_draft()], [drafted]), ([cidofovir_draft(), drafted], [])):
-        cards = run(selected, [*base(), observation("2888-6", 10, "mg/dL", TODAY)], TODAY, others=others)
-        assert "cidofovir-probenecid-hydration" not in rules_of(cards)
+    prefetched = medication("probenecid 500 mg tablet", TODAY, started_days_ago=0, status="draft", route="oral")
+    for selected, others, extra in (
+        ([cidofovir_draft()], [drafted], []),
+        ([cidofovir_draft(), drafted], [], []),
+        ([cidofovir_draft()], [], [prefetched]),
+    ):
+        resources = [*base(), observation("2888-6", 10, "mg/dL", TODAY), *extra]
+        card = by_rule(run(selected, resources, TODAY, others=others), "cidofovir-probenecid-hydration")
+        assert card.suggestions[0].label == "Order saline prehydration with each cidofovir dose"
+        (action,) = card.suggestions[0].actions
+        assert action.resource is not None
+        assert action.resource["dosageInstruction"][0]["doseAndRate"][0]["doseQuantity"]["value"] == 1000
 
 
 def test_an_interacting_draft_signed_with_ganciclovir_is_read() -> None:
@@ -478,3 +495,179 @@ def test_a_nephrotoxic_drug_discontinued_seven_days_before_allows_cidofovir(ende
     )
     resources = [*base(), observation("2888-6", 20, "mg/dL", TODAY), ampho]
     assert ("cidofovir-contraindicated" in rules_of(run([cidofovir_draft()], resources, TODAY))) is barred
+
+
+# --- second review: what real orders and reports say ------------------------------------------------------------
+
+
+def test_two_orders_started_the_same_day_are_read() -> None:
+    """An ongoing IV ganciclovir order and a completed one, both started 5 days ago (a same-day dose change):
+    no error, the dose card is written (5 mg/kg q12h = 400 mg)."""
+    ongoing = medication("ganciclovir 400 mg IV", TODAY, started_days_ago=5, route="IV")
+    changed = medication("ganciclovir 500 mg IV", TODAY, started_days_ago=5, status="completed", route="IV")
+    changed["dosageInstruction"][0]["timing"]["repeat"]["boundsPeriod"]["end"] = ongoing["authoredOn"]
+    cards = run([draft("ganciclovir", "310442", route="IV")], [*base(), ongoing, changed], TODAY)
+    assert doses(by_rule(cards, "dose-adjust")) == [(400, 1, 12, "h")]
+
+
+@pytest.mark.parametrize(
+    "instructions",
+    [
+        "for CMV retinitis of the left eye",
+        "if BP drops slow the rate",
+        "Rinse line with NS before and after",
+        "hazardous drug: avoid contact with skin",
+    ],
+)
+def test_an_iv_order_whose_instructions_name_a_body_part_is_still_iv(instructions: str) -> None:
+    """The route is IV: words in the instructions do not make it a local form (docs/policy.md §7)."""
+    selected = draft("ganciclovir", "310442", dose_mg=500, route="IV", frequency=1, period=12, period_unit="h")
+    selected["dosageInstruction"][0]["text"] = instructions
+    cards = run([selected], base(), TODAY)
+    assert doses(by_rule(cards, "dose-adjust")) == [(400, 1, 12, "h")]
+
+
+@pytest.mark.parametrize("route", ["IVPB", "IV piggyback", "IV push"])
+def test_iv_route_spellings(route: str) -> None:
+    selected = draft("ganciclovir", "310442", dose_mg=500, route=route, frequency=1, period=12, period_unit="h")
+    assert doses(by_rule(run([selected], base(), TODAY), "dose-adjust")) == [(400, 1, 12, "h")]
+
+
+def test_a_ganciclovir_draft_named_as_an_eye_gel_is_not_systemic_therapy() -> None:
+    """No route yet, but the medication is 'ganciclovir 0.15% ophthalmic gel': not this service's concern."""
+    assert run([draft("ganciclovir 0.15% ophthalmic gel")], base(), TODAY) == []
+
+
+def test_oral_tacrolimus_with_skin_advice_is_still_immunosuppression() -> None:
+    tacrolimus = medication("tacrolimus 1 mg capsule", TODAY, started_days_ago=100, route="oral")
+    tacrolimus["dosageInstruction"][0]["text"] = "1 mg twice daily; protect skin from sun"
+    cards = run([gcv_draft()], [*base(), tacrolimus], TODAY)
+    assert "reduce-immunosuppression" in rules_of(cards)
+
+
+@pytest.mark.parametrize(("text", "route", "barred"), [
+    ("tobramycin 0.3% eye drops", "ophthalmic", False),
+    ("cyclosporine 0.05% ophthalmic emulsion", "ophthalmic", False),
+    ("tobramycin 80 mg", "IV", True),
+])  # fmt: skip
+def test_a_local_form_of_a_nephrotoxic_drug_does_not_bar_cidofovir(text: str, route: str, barred: bool) -> None:
+    drug = medication(text, TODAY, started_days_ago=2, route=route)
+    cards = run([cidofovir_draft()], [*base(), observation("2888-6", 10, "mg/dL", TODAY), drug], TODAY)
+    assert (rules_of(cards)[0] == "cidofovir-contraindicated") is barred
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        "UL97 M460V mutation detected. UL54: no mutations detected.",
+        "UL97: A594V detected; UL54: wild type",
+        "M460V detected; no other resistance mutations identified",
+    ],
+)
+def test_a_mutation_reported_beside_a_gene_with_none_found_is_resistance(report: str) -> None:
+    genotype = observation("", None, "", TODAY, valueString=report, code={"text": "CMV UL97/UL54 genotype"})
+    cards = run([gcv_draft()], [*base(), genotype], TODAY)
+    assert "resistance" in rules_of(cards)
+
+
+def test_a_genotype_report_is_not_a_viral_load() -> None:
+    """'CMV DNA UL97/UL54 genotype: No resistance mutations detected' today, blood CMV DNA 5,000 IU/mL 5 days ago:
+    the blood is not undetectable, so the completed course stays on induction (900 mg twice daily)."""
+    genotype = observation(
+        "", None, "", TODAY, days_ago=0, valueString="No resistance mutations detected",
+        code={"text": "CMV DNA UL97/UL54 genotype"},
+    )  # fmt: skip
+    blood = observation("72493-0", 5000, "[IU]/mL", TODAY, days_ago=5)
+    cards = run([maintenance_draft()], [*base(), completed_induction(), blood, genotype], TODAY)
+    assert doses(by_rule(cards, "dose-adjust")) == [(900, 2, 1, "d")]
+
+
+@pytest.mark.parametrize(
+    ("text", "undetectable"),
+    [
+        ("Detected. No PCR inhibition detected.", False),
+        ("Positive, no inhibitors found", False),
+        ("Detected; no prior result found for comparison", False),
+        ("No CMV DNA detected", True),
+        ("<LLOQ", True),
+        ("TND", True),
+        ("NEG", True),
+    ],
+)
+def test_qualitative_cmv_dna_wording(text: str, undetectable: bool) -> None:
+    """After a completed 21-day induction, today's result decides: undetectable → maintenance confirmed;
+    detected → induction continues (900 mg twice daily)."""
+    result = observation("", None, "", TODAY, days_ago=0, valueString=text, code={"text": "CMV DNA PCR, plasma"})
+    cards = run([maintenance_draft()], [*base(), completed_induction(), result], TODAY)
+    assert ("dose-adjust" not in rules_of(cards)) is undetectable
+
+
+@pytest.mark.parametrize(("text", "pregnant"), [("Non-reactive", False), ("Not reactive", False), ("Reactive", True)])
+def test_a_non_reactive_hcg_is_not_a_pregnancy(text: str, pregnant: bool) -> None:
+    hcg = observation("2106-3", None, "", TODAY, valueString=text)
+    cards = run([gcv_draft()], [*base(sex="female"), hcg], TODAY)
+    assert ("pregnancy" in rules_of(cards)) is pregnant
+
+
+@pytest.mark.parametrize(
+    "specimen", ["CMV PCR, Spinal Fluid", "CMV PCR, pleural fluid", "CMV PCR, nasopharyngeal swab"]
+)
+def test_cmv_dna_in_other_fluids_is_not_the_blood_viral_load(specimen: str) -> None:
+    blood = observation("72493-0", 5000, "[IU]/mL", TODAY, days_ago=3)
+    other = observation("", None, "", TODAY, days_ago=0, valueString="Not detected", code={"text": specimen})
+    cards = run([maintenance_draft()], [*base(), completed_induction(), blood, other], TODAY)
+    assert doses(by_rule(cards, "dose-adjust")) == [(900, 2, 1, "d")]
+
+
+def test_foscarnet_signed_with_cidofovir_bars_it() -> None:
+    """order-sign: both drafts are selected; foscarnet is nephrotoxic (label), so cidofovir may not start."""
+    foscarnet = draft("foscarnet", "1734377", dose_mg=7200, route="IV", frequency=1, period=12, period_unit="h")
+    foscarnet["id"] = "draft-fos"
+    cards = run([cidofovir_draft(), foscarnet], [*base(), observation("2888-6", 10, "mg/dL", TODAY)], TODAY)
+    card = by_rule(cards, "cidofovir-contraindicated")
+    assert "foscarnet" in card.detail
+
+
+@pytest.mark.parametrize(
+    ("text", "maintenance"),
+    [
+        ("Maintenance dose following completed induction", True),
+        ("maintenance after induction", True),
+        ("maintenance; check CBC then adjust", True),
+    ],
+)
+def test_maintenance_after_induction_stays_maintenance(text: str, maintenance: bool) -> None:
+    selected = draft(
+        "valganciclovir", "313566", dose_mg=900, route="oral", frequency=1, period=1, period_unit="d", text=text
+    )
+    assert ("dose-adjust" not in rules_of(run([selected], base(), TODAY))) is maintenance
+
+
+def no_counts() -> list[dict[str, Any]]:
+    return [
+        r
+        for r in base()
+        if r["resourceType"] != "Observation" or r["code"]["coding"][0]["code"] not in ("751-8", "777-3", "718-7")
+    ]
+
+
+def test_cards_proposing_ganciclovir_instead_name_unknown_counts() -> None:
+    """Pneumonitis steers valganciclovir to IV ganciclovir; CNS disease proposes ganciclovir + foscarnet. With no
+    counts on record, each card says so and offers them."""
+    vgc = draft("valganciclovir", "313566", dose_mg=900, route="oral", frequency=2, period=1, period_unit="d")
+    for selected, extra, rule in (
+        (vgc, condition("CMV pneumonitis", TODAY), "valganciclovir-to-iv"),
+        (gcv_draft(), condition("CMV encephalitis", TODAY), "cns-combination"),
+    ):
+        card = by_rule(run([selected], [*no_counts(), extra], TODAY), rule)
+        assert "**Blood counts not known**" in card.detail, rule
+        assert "Order blood counts now" in [s.label for s in card.suggestions], rule
+
+
+def test_a_completed_order_whose_planned_end_is_ahead_counts_to_its_start() -> None:
+    order = induction_order(22, status="completed")
+    order["dosageInstruction"][0]["timing"]["repeat"]["boundsPeriod"]["end"] = (
+        TODAY + dt.timedelta(days=5)
+    ).isoformat()
+    cards = run([maintenance_draft()], [*base(), order, undetectable_viral_load()], TODAY)
+    assert doses(by_rule(cards, "dose-adjust")) == [(900, 2, 1, "d")]

@@ -28,8 +28,10 @@ STEP_DOWN_MIN_IV_DAYS = 3
 def cidofovir_adjuncts(ctx: Context, order: OrderFact) -> list[Card]:
     """Probenecid (2 g 3 h before; 1 g at 2 h and 8 h after) and 1 L saline before each dose, each its own
     MedicationRequest (Vistide label, Dosage and Administration; docs/policy.md §6)."""
-    if order.drug != "cidofovir" or any(m.draft and "Probenecid" in m.sets for m in ctx.facts.medications):
-        return []  # drafted with this order: the clinician is ordering it (an older probenecid is not this regimen)
+    if order.drug != "cidofovir":
+        return []
+    # A probenecid drafted in this session is the clinician ordering it; an older one (for gout) is not this regimen.
+    probenecid_drafted = any((m.draft or m.status == "draft") and "Probenecid" in m.sets for m in ctx.facts.medications)
     regimen = ctx.regimen("cidofovir", ctx.phase("cidofovir", order))
     if not isinstance(regimen, Regimen):
         return []
@@ -72,14 +74,16 @@ def cidofovir_adjuncts(ctx: Context, order: OrderFact) -> list[Card]:
         "",
         source_line(label, policy(6)),
     ]
-    suggestion = Suggestion(
-        "Order probenecid and saline prehydration with each cidofovir dose",
-        (
-            Action("create", "Order probenecid with each cidofovir dose", resource=probenecid),
-            Action("create", "Order 1 L normal saline before each cidofovir dose", resource=saline),
-        ),
-        is_recommended=True,
-    )
+    saline_action = Action("create", "Order 1 L normal saline before each cidofovir dose", resource=saline)
+    if probenecid_drafted:
+        detail[-1:-1] = ["Probenecid is drafted with this order: check it follows this schedule.", ""]
+        suggestion = Suggestion("Order saline prehydration with each cidofovir dose", (saline_action,), True)
+    else:
+        suggestion = Suggestion(
+            "Order probenecid and saline prehydration with each cidofovir dose",
+            (Action("create", "Order probenecid with each cidofovir dose", resource=probenecid), saline_action),
+            is_recommended=True,
+        )
     return [
         card(
             "cidofovir-probenecid-hydration",

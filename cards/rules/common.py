@@ -11,7 +11,7 @@ from typing import Literal
 
 from cards import dosing, fhir_out
 from cards.dosing import Drug, Phase, Schedule
-from cards.facts import FAMILY_BY_FACT, FRESHNESS_DAYS, Measurement, PatientFacts, ViralLoad
+from cards.facts import FAMILY_BY_FACT, FRESHNESS_DAYS, Measurement, PatientFacts, ViralLoad, days
 from cards.model import Action, Card, Indicator, Source, Suggestion
 from cards.orders import DraftDose, OrderFact, medication_sets
 from cards.regimen import Missing, MissingItem, NotRecommended, Regimen, StaleInput, compute
@@ -278,7 +278,7 @@ def stale_suggestions(ctx: Context, stale: Sequence[StaleInput]) -> list[Suggest
                     ctx,
                     item.lab_set,
                     item.label,
-                    f"Last result is older than {item.window_days} days ({policy(2)})",
+                    f"Last result is older than {days(item.window_days)} ({policy(2)})",
                 ),
             ),
         )
@@ -291,7 +291,7 @@ def stale_lines(stale: Sequence[StaleInput], today: dt.date) -> list[str]:
     """Detail lines flagging each stale input with its age and window."""
     return [
         f"- ⚠ {item.label.capitalize()} is {item.measurement.age_days(today)} days old "
-        f"(from {item.measurement.date.isoformat()}; window {item.window_days} days, {policy(2)}): "
+        f"(from {item.measurement.date.isoformat()}; window {days(item.window_days)}, {policy(2)}): "
         "used, and a repeat is suggested."
         for item in stale
     ]
@@ -302,6 +302,13 @@ def alternative_unavailable(alt: Missing | NotRecommended) -> list[str]:
     if isinstance(alt, Missing):
         return ["", f"The alternative ({alt.drug}) could not be dosed:", *missing_lines(alt.items)]
     return ["", f"The alternative ({alt.drug}) is not recommended either: {alt.reason} ({alt.source})."]
+
+
+def unavailable_lines(alt: Missing | NotRecommended) -> list[str]:
+    """List lines saying why a drug cannot be proposed: each missing value, or the reason it is not recommended."""
+    if isinstance(alt, Missing):
+        return missing_lines(alt.items)
+    return [f"- not recommended: {alt.reason} ({alt.source})"]
 
 
 def card(
@@ -384,6 +391,7 @@ def low_counts(facts: PatientFacts) -> list[str]:
     return low
 
 
+GCV_VGC_DRUGS: frozenset[Drug] = frozenset({"ganciclovir", "valganciclovir"})  # the counts rule applies to both
 _COUNTS = (("anc", ANC_MIN_PER_UL), ("platelets", PLATELETS_MIN_PER_UL), ("hemoglobin", HEMOGLOBIN_MIN_G_DL))
 _LABEL_BY_SET = {family.set_name: family.label for family in FAMILY_BY_FACT.values()}
 
@@ -402,7 +410,8 @@ def count_gaps(facts: PatientFacts) -> list[tuple[str, str]]:
         elif value.below(threshold) is None:
             why = f"latest result '{value.shown()} {value.unit}' does not say whether it is below {threshold:,g}"
         elif value.stale:
-            why = f"latest result is {value.age_days(facts.today)} days old (window {family.freshness_days} days)"
+            window = days(family.freshness_days or 0)
+            why = f"latest result is {days(value.age_days(facts.today))} old (window {window})"
         else:
             continue
         gaps.append((family.set_name, f"{family.label}: {why}"))
@@ -464,9 +473,11 @@ def replace_order(
             (delete_action(order), create_action(ctx, alternative)),
             is_recommended=True,
         )
-        return detail, [replace, *stale_suggestions(ctx, alternative.stale)]
+        gaps = count_gaps(ctx.facts) if alternative.drug in GCV_VGC_DRUGS else []
+        detail += count_gap_lines(gaps)
+        return detail, [replace, *count_gap_suggestions(ctx, gaps), *stale_suggestions(ctx, alternative.stale)]
     detail = ["", f"**The alternative is IV {alternative.drug}**, but it cannot be dosed now:"]
-    detail += alternative_unavailable(alternative)[2:]
+    detail += unavailable_lines(alternative)
     remove = Suggestion(f"Remove the selected {order.drug} order", (delete_action(order),), is_recommended=True)
     labs = missing_lab_suggestions(ctx, alternative.items) if isinstance(alternative, Missing) else []
     return detail, [remove, *labs]

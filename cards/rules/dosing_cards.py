@@ -12,6 +12,7 @@ from cards.orders import OrderFact
 from cards.regimen import Missing, Regimen
 from cards.rules.common import (
     FOSCARNET_HYDRATION,
+    GCV_VGC_DRUGS,
     Context,
     card,
     computation_lines,
@@ -108,7 +109,7 @@ def dose(ctx: Context, order: OrderFact) -> list[Card]:
     if why:
         extra.append(f"Maintenance dosing: {why} ({policy(8)}).")
     computation = computation_lines(regimen)
-    gaps = count_gaps(ctx.facts) if regimen.drug in ("ganciclovir", "valganciclovir") else []
+    gaps = count_gaps(ctx.facts) if regimen.drug in GCV_VGC_DRUGS else []
     extra += count_gap_lines(gaps)
     diffs = differences(order.dose, regimen)
     if not diffs:

@@ -16,6 +16,9 @@ from cards.rules.common import (
     alternative_unavailable,
     card,
     computation_lines,
+    count_gap_lines,
+    count_gap_suggestions,
+    count_gaps,
     create_action,
     delete_action,
     fits_regimen,
@@ -162,10 +165,12 @@ def cns_combination(ctx: Context, order: OrderFact) -> list[Card]:
         label = f"{name.capitalize()}{' (selected order, corrected)' if name == drug else ''}"
         detail += [f"**{label}:** {regimen_text(reg)}.", *computation_lines(reg), ""]
         actions.append(update_action(order, reg) if name == drug else create_action(ctx, reg))
+    gaps = count_gaps(facts) if "ganciclovir" in in_plan else []
+    detail += count_gap_lines(gaps)
     if "foscarnet" in in_plan:
         detail.append(FOSCARNET_HYDRATION)
     detail += ["", source_line(NIH_OI, SEED_DISSEMINATED, policy(9))]
-    suggestions = list(missing_labs)
+    suggestions = [*count_gap_suggestions(ctx, gaps), *missing_labs]
     if actions:
         plan = " + ".join(in_plan).capitalize() if in_plan else f"Remove the {drug} order"
         plan += " (combination)" if len(in_plan) == 2 else ""
