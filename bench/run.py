@@ -110,7 +110,8 @@ def _describe_cards(cards: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def _check_answer(status: int, data: bytes, what: str) -> list[dict[str, Any]]:
+def check_answer(status: int, data: bytes, what: str) -> list[dict[str, Any]]:
+    """The service answered 200 with a dose card carrying an update suggestion (the benchmark's request)."""
     if status != 200:
         raise BenchError(f"{what}: HTTP {status}: {data[:500]!r}")
     cards = _cards(data)
@@ -130,9 +131,9 @@ def first_requests(procs: Processes, tmp: Path, body: bytes, boots: int, recycle
             boot_s = _wait_service(server)
             time.sleep(0.3)  # let both workers reach their accept loop after the warm-up log line
             first, status, data = timed_post(server.port, SERVICE_PATH, body)
-            _check_answer(status, data, "first request")
+            check_answer(status, data, "first request")
             second, status, data = timed_post(server.port, SERVICE_PATH, body)
-            _check_answer(status, data, "second request")
+            check_answer(status, data, "second request")
             warm = [timed_post(server.port, SERVICE_PATH, body)[0] for _ in range(20)]
             samples.append(
                 {
@@ -190,7 +191,7 @@ def fhir_scenario(server: Server, stub: RemoteStub, calls: int, expected: list[s
     body = orjson.dumps(fixture.order_select(with_prefetch=False, fhir_server=stub.base_url))
     for _ in range(3):  # warm: the first fetches build thread pools, sessions, imports
         _, status, data = timed_post(server.port, SERVICE_PATH, body)
-        cards = _check_answer(status, data, "fhirServer scenario")
+        cards = check_answer(status, data, "fhirServer scenario")
         if _describe_cards(cards) != expected:
             raise BenchError(f"fhirServer scenario gave other cards: {_describe_cards(cards)} != {expected}")
     stub.reset_counters()
@@ -240,7 +241,7 @@ def load_app(
         _, status, data = timed_post(server.port, path, body)
         if status != 200:
             raise BenchError(f"{name}: HTTP {status}: {data[:500]!r}")
-        cards = _check_answer(status, data, name) if is_service else _cards(data)
+        cards = check_answer(status, data, name) if is_service else _cards(data)
         run_wrk(wrk, server, path, lua, connections=8, seconds=min(2.0, seconds), label="warm-up")
         result: dict[str, Any] = {"cards": _describe_cards(cards), "response_bytes": len(data)}
         with RssSampler(server) as rss:

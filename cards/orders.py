@@ -112,8 +112,8 @@ _LOCAL = re.compile(
 _SYSTEMIC_ONLY = frozenset({"Ganciclovir", "Immunosuppressants", "NephrotoxicDrugs", "MyelosuppressiveDrugs"})
 
 
-def _is_local(request: Mapping[str, Any]) -> bool:
-    if medication_route(request) in ("iv", "oral"):
+def _is_local(request: Mapping[str, Any], route: Route) -> bool:
+    if route in ("iv", "oral"):
         return False
     dosage = _first_dosage(request)
     texts = [*concept_texts(dosage.get("route")), *concept_texts(medication_concept(request))]
@@ -122,24 +122,27 @@ def _is_local(request: Mapping[str, Any]) -> bool:
     return any(_LOCAL.search(text) for text in texts)
 
 
-def medication_sets(request: Mapping[str, Any]) -> frozenset[str]:
+def medication_sets(request: Mapping[str, Any], route: Route | None = None) -> frozenset[str]:
     """The drug code sets (``DRUG_SETS``) a MedicationRequest's medication is in (``concept_in``), less those its
     route rules out: ganciclovir counts only as the IV drug (or a draft with no route yet); immunosuppressants,
     nephrotoxic and myelosuppressive drugs only when not applied locally (tacrolimus ointment, tobramycin eye
-    drops: docs/policy.md §7)."""
+    drops: docs/policy.md §7). ``route`` is ``medication_route(request)`` where the caller has it already."""
     sets = concept_sets(medication_concept(request)).matched & _DRUG_SET_NAMES
     if sets.isdisjoint(_SYSTEMIC_ONLY):
         return sets
-    if _is_local(request):
+    if route is None:
+        route = medication_route(request)
+    if _is_local(request, route):
         sets -= _SYSTEMIC_ONLY
-    if "Ganciclovir" in sets and medication_route(request) in ("other", "oral"):
+    if "Ganciclovir" in sets and route in ("other", "oral"):
         sets -= {"Ganciclovir"}
     return sets
 
 
 def medication_fact(request: Mapping[str, Any], *, draft: bool) -> MedicationFact | None:
     """The order as the rules read it (drug sets, exposure window, route), or None for a drug no rule concerns."""
-    sets = medication_sets(request)
+    route = medication_route(request)
+    sets = medication_sets(request, route)
     if not sets:
         return None
     status = request.get("status") if isinstance(request.get("status"), str) else "unknown"
@@ -151,7 +154,7 @@ def medication_fact(request: Mapping[str, Any], *, draft: bool) -> MedicationFac
         status=str(status),
         start=start,
         end=end,
-        route=medication_route(request),
+        route=route,
         draft=draft,
     )
 

@@ -58,3 +58,15 @@ def test_variant_answers_like_the_service_with_fresh_uuids(
 def test_unknown_variant_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown ceiling variant"):
         ceiling_app.build("no-rules")
+
+
+def test_the_in_process_benchmark_runs_against_the_service_as_it_answers_now(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``python -m bench.edge`` checks the service's answer the way the load benchmark does (a dose card with an
+    update suggestion), not by a card count that a new info card would break."""
+    from bench import edge
+
+    assert edge.main(["--calls", "3", "--repeats", "1"]) == 0
+    report = capsys.readouterr().out
+    assert "service − floor" in report and "no evaluation − floor" in report
