@@ -25,6 +25,7 @@ from typing import Any, Literal
 from cards import units
 from cards.codes import Concept, coded_concept
 from cards.fhir_in import (
+    ConceptSets,
     coding_codes,
     concept_label,
     concept_memo,
@@ -63,10 +64,23 @@ _UNDETECTED = re.compile(
     r"|<\s*lloq\b",
     re.IGNORECASE,
 )
-_DETECTED = re.compile(r"(?<!non-)(?<!not )\b(detected|positive|reactive)\b", re.IGNORECASE)
-# A genotype report is judged clause by clause: "UL97 M460V detected; UL54: wild type" reports a mutation.
-_CLAUSES = re.compile(r"[.;\n]+")
-_MUTATION = re.compile(r"\b[A-Z]\d{3}[A-Z]\b")
+_DETECTED = re.compile(r"(?<!non-)(?<!not )\b(detected|positive|pos|reactive)\b", re.IGNORECASE)
+# A genotype report is read sentence by sentence and, within one, part by part (split at , ; and brackets), in
+# order (_resistance_reported). A sentence that lists what the assay screens for ("Mutations screened: UL97 M460V,
+# H520Q; UL54 A987G") reports nothing found by itself; a gene label starts a new finding ("UL54: wild type; UL97
+# M460V").
+_SENTENCES = re.compile(r"(?<![.\s])\.(?=\s|$)|\n")  # a full stop, not an ellipsis
+_PARTS = re.compile(r"[,;()\[\]]")
+_MUTATION = re.compile(r"\b(p\.)?[A-Z]\d{3}[A-Z]\b")
+_GENE = re.compile(r"\bUL\s?\d{2,3}\b", re.IGNORECASE)
+_PANEL = re.compile(
+    r"\b(screened|screens|tested|panel|covered|covers|includ\w*|analy[sz]ed|assessed|interrogated|targets?"
+    r"|regions?|codons?|limitations?|sensitivity)\b",
+    re.IGNORECASE,
+)
+_BRACKETED_PANEL = re.compile(rf"\([^()]*{_PANEL.pattern}[^()]*\)|\[[^\[\]]*{_PANEL.pattern}[^\[\]]*\]", re.IGNORECASE)
+# A result named as a genotype or resistance test, or whose value speaks of mutations, is not a viral load.
+_GENOTYPE_WORDS = re.compile(r"\b(genotyp\w*|resistance|mutations?|sequenc\w*|wild[- ]?type)\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -295,14 +309,43 @@ def _reads_undetectable(observation: Mapping[str, Any]) -> bool:
     return any(_UNDETECTED.search(text) for text in _value_texts(observation))
 
 
+def _genotype_report(observation: Mapping[str, Any], sets: ConceptSets) -> bool:
+    """A resistance genotype, not a viral load: by its name, or by a value that speaks of mutations or genotype
+    ("No resistance mutations detected" is not an undetectable viral load; docs/policy.md §11)."""
+    if "CmvResistance" in sets.matched:
+        return True
+    texts = [*concept_texts(observation.get("code")), *_value_texts(observation)]
+    return any(_GENOTYPE_WORDS.search(text) for text in texts)
+
+
 def _resistance_reported(observation: Mapping[str, Any]) -> bool:
-    """A clause of the report names a mutation or says detected, and does not say none was found ("No resistance
-    mutations detected (M460V, A594V screened)" is not one; "UL97 M460V detected; UL54: wild type" is)."""
+    """The report names a mutation as found, or says detected/positive, outside what it says was not found and
+    outside a list of what the assay screens for. "No resistance mutations detected. Mutations screened: UL97
+    M460V, H520Q; UL54 A987G." is not one; "UL97 M460V detected, UL54 NEG" and "UL54: wild type; UL97 M460V" are."""
     return any(
-        (_MUTATION.search(clause) or _DETECTED.search(clause)) and not _UNDETECTED.search(clause)
+        _sentence_reports_resistance(sentence)
         for text in _value_texts(observation)
-        for clause in _CLAUSES.split(text)
+        for sentence in _SENTENCES.split(text)
     )
+
+
+def _sentence_reports_resistance(sentence: str) -> bool:
+    sentence = _BRACKETED_PANEL.sub(" ", sentence)  # "(UL97 M460V, A594V screened)": the assay's targets
+    panel = False  # a listing of the assay's targets: to the end of the sentence
+    none_found = False  # "not detected" / "wild type": until a gene label starts another finding
+    for part in _PARTS.split(sentence):
+        lists_targets = _PANEL.search(part) is not None
+        panel = panel or lists_targets
+        if _GENE.search(part):
+            none_found = False
+        if _UNDETECTED.search(part):
+            none_found = True
+            continue
+        if _DETECTED.search(part) and not lists_targets:
+            return True
+        if _MUTATION.search(part) and not panel and not none_found:
+            return True
+    return False
 
 
 def _reads_detected(observation: Mapping[str, Any]) -> bool:
@@ -444,7 +487,7 @@ class _FactBuilder:
         kind = next((name for name in VIRAL_LOAD_SETS if name in sets.coded), None)
         if kind is None and not sets.matched.isdisjoint(VIRAL_LOAD_SETS):
             kind = _viral_load_kind_by_unit(observation)  # named, not coded: the unit says which kind
-        if kind is not None and "CmvResistance" not in sets.matched and not _specimen_not_blood(observation):
+        if kind is not None and not _genotype_report(observation, sets) and not _specimen_not_blood(observation):
             load = _viral_load(observation, kind, instant.date())
             if load is not None:
                 self._loads.append((instant, load))

@@ -55,7 +55,13 @@ class OrderFact:
 # --- medications --------------------------------------------------------------------------------------------------
 
 _ROUTE_IV = re.compile(r"\b(iv|ivpb|ivp|iv piggyback|iv push|intravenous\w*|i\.v\.?)(?!\w)", re.IGNORECASE)
-_ROUTE_ORAL = re.compile(r"\b(po|oral\w*|by mouth|p\.o\.)\b", re.IGNORECASE)
+# Enteral tubes (nasogastric, gastrostomy, jejunal, "per tube") deliver through the gut as the mouth does: systemic
+# therapy, read as the oral route (a tacrolimus solution "per NG tube" is not a local form).
+_ROUTE_ORAL = re.compile(
+    r"\b(po|oral\w*|by mouth|p\.o\.|enteral\w*|per tube|feeding tube|nasogastric\w*|orogastric|ngt|ogt"
+    r"|(ng|og|nj|peg|g|j)[- ]?tube|(via|per)\s+(ng|og|nj|peg)|gastrostom\w*|jejunostom\w*)\b",
+    re.IGNORECASE,
+)
 ROUTE_IV_SNOMED = "47625008"  # docs/policy.md §13: SNOMED CT intravenous route
 ROUTE_ORAL_SNOMED = "26643006"  # SNOMED CT oral route
 
@@ -105,7 +111,8 @@ def medication_concept(request: Mapping[str, Any]) -> Any:
 # "avoid contact with skin" in an IV order's instructions say nothing about its route.
 _LOCAL = re.compile(
     r"\b(topical\w*|ophthalmic|ophth|intravitreal\w*|intraocular|cutaneous|transdermal|ointment|cream|lotion"
-    r"|eye ?drops?|eye gel|mouthwash|oral rinse|apply|instil\w*|instill\w*|implant)\b",
+    r"|eye ?drops?|eye gel|mouthwash|oral rinse|apply|implant"
+    r"|instill?\w*\s+(\d+\s+)?(drops?\s+)?(in|into)\s+(the\s+|each\s+|both\s+|left\s+|right\s+|affected\s+)*(eyes?|ears?))\b",
     re.IGNORECASE,
 )
 # Drug sets that count only as systemic therapy: a local form of these drugs does not act on the whole body.
@@ -173,14 +180,47 @@ _TIMING_CODES: dict[str, float] = {  # doses per hour for common HL7 v3 GTSAbbre
 }
 _PERIOD_HOURS = {"h": 1.0, "d": 24.0, "wk": 168.0, "min": 1 / 60, "s": 1 / 3600, "mo": 720.0}
 _MAINTENANCE = re.compile(r"\bmaintenance\b", re.IGNORECASE)
-# Wording that makes "maintenance" not the regimen now: a sequence that reaches maintenance later ("900 mg twice
-# daily for 21 days, then 900 mg daily maintenance", "induction before maintenance") or a negation ("not
-# maintenance"). "Maintenance after completed induction" and "maintenance; check CBC then adjust" stay maintenance.
-_NOT_MAINTENANCE_NOW = re.compile(
-    r"\b(then|followed by|thereafter|after which|before|prior to)\b.*\bmaintenance\b"
-    r"|\b(not|no|non)[\s-]+(a\s+)?maintenance\b",
-    re.IGNORECASE | re.DOTALL,
+_NOT_MAINTENANCE = re.compile(r"\b(not|no|non)[\s-]+(a\s+)?maintenance\b", re.IGNORECASE)
+# Induction named before maintenance means the order begins with induction ("Induction: 900 mg twice daily x 21
+# days; maintenance 900 mg daily afterwards"), unless it is induction already done ("completed induction",
+# "after induction", "post-induction", "induction complete").
+_INDUCTION = re.compile(r"\binduction\b", re.IGNORECASE)
+_INDUCTION_DONE_BEFORE = re.compile(
+    r"\b(completed?|completion of|after|following|post|finished|end of|s/p)[\s-]+$", re.IGNORECASE
 )
+_INDUCTION_DONE_AFTER = re.compile(
+    r"^\s*(therapy\s+|course\s+|phase\s+)?(is\s+|was\s+|has been\s+)?(complete|completed|done|finished|over|ended)\b",
+    re.IGNORECASE,
+)
+# A sequence word in the same sentence before "maintenance" ("900 mg twice daily for 21 days, then 900 mg daily
+# maintenance"), "before/prior to (starting) maintenance", or maintenance "to follow" / "afterwards": maintenance
+# comes later. "Check CBC before first dose. Maintenance 900 mg daily" is maintenance: the "before" is a lab
+# instruction of another sentence.
+_SEQUENCE_BEFORE = re.compile(r"\b(then|followed by|thereafter|after which)\b", re.IGNORECASE)
+_BEFORE_MAINTENANCE = re.compile(r"\b(before|prior to)\s+(starting\s+|beginning\s+|the\s+)?$", re.IGNORECASE)
+_MAINTENANCE_LATER = re.compile(r"^[^.;\n]{0,40}?\b(to follow|afterwards?|thereafter|later)\b", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"[.;\n]")
+
+
+def _maintenance_now(text: str) -> bool | None:
+    """Whether a text says the order is maintenance now (True), begins with something else first or is not
+    maintenance (False), or does not name maintenance at all (None)."""
+    first = _MAINTENANCE.search(text)
+    if first is None:
+        return None
+    if _NOT_MAINTENANCE.search(text):
+        return False
+    head = text[: first.start()]
+    for induction in _INDUCTION.finditer(head):
+        if not (
+            _INDUCTION_DONE_BEFORE.search(head[: induction.start()])
+            or _INDUCTION_DONE_AFTER.match(text[induction.end() :])
+        ):
+            return False
+    sentence = _SENTENCE_END.split(head)[-1]
+    if _SEQUENCE_BEFORE.search(sentence) or _BEFORE_MAINTENANCE.search(sentence):
+        return False
+    return _MAINTENANCE_LATER.match(text[first.end() :]) is None
 
 
 def read_draft_dose(order: Mapping[str, Any], weight_kg: float | None) -> DraftDose:
@@ -232,9 +272,8 @@ def says_maintenance(order: Mapping[str, Any]) -> bool:
             if isinstance(item, dict) and isinstance(item.get("text"), str):
                 texts.append(item["text"])
     texts += concept_texts(order.get("courseOfTherapyType"))
-    return any(_MAINTENANCE.search(text) for text in texts) and not any(
-        _NOT_MAINTENANCE_NOW.search(text) for text in texts
-    )
+    readings = [_maintenance_now(text) for text in texts]
+    return True in readings and False not in readings
 
 
 _DRUGS: tuple[tuple[str, Drug], ...] = (

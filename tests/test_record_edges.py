@@ -634,6 +634,12 @@ def test_foscarnet_signed_with_cidofovir_bars_it() -> None:
         ("Maintenance dose following completed induction", True),
         ("maintenance after induction", True),
         ("maintenance; check CBC then adjust", True),
+        ("Induction complete; maintenance 900 mg daily", True),
+        ("Check CBC before first dose. Maintenance 900 mg daily", True),
+        ("Draw CBC and creatinine before starting. Maintenance therapy.", True),
+        ("Induction: 900 mg PO twice daily x 21 days; maintenance 900 mg daily afterwards", False),
+        ("Induction dose; maintenance to follow", False),
+        ("900 mg twice daily x 21 days, maintenance afterwards", False),
     ],
 )
 def test_maintenance_after_induction_stays_maintenance(text: str, maintenance: bool) -> None:
@@ -671,3 +677,97 @@ def test_a_completed_order_whose_planned_end_is_ahead_counts_to_its_start() -> N
     ).isoformat()
     cards = run([maintenance_draft()], [*base(), order, undetectable_viral_load()], TODAY)
     assert doses(by_rule(cards, "dose-adjust")) == [(900, 2, 1, "d")]
+
+
+# --- third review: wording and routes that read the wrong way --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("route", "instructions"),
+    [
+        ("Per NG tube", "150 mg q12h; instill via NG tube and flush"),
+        ("G-tube", "150 mg q12h via G-tube"),
+        ("", "150 mg q12h, instill per PEG tube"),
+    ],
+)
+def test_a_drug_given_by_enteral_tube_is_systemic(route: str, instructions: str) -> None:
+    """Cyclosporine oral solution (nephrotoxic and an immunosuppressant) by tube, started 2 days ago: systemic
+    exposure, so cidofovir is barred and reducing immunosuppression is offered."""
+    order = medication("cyclosporine 100 mg/mL oral solution", TODAY, started_days_ago=2, route=route)
+    order["dosageInstruction"][0]["text"] = instructions
+    cards = run([cidofovir_draft()], [*base(), observation("2888-6", 10, "mg/dL", TODAY), order], TODAY)
+    assert rules_of(cards)[0] == "cidofovir-contraindicated"
+    assert "reduce-immunosuppression" in rules_of(cards)
+
+
+def test_eye_drops_instilled_into_the_eye_are_still_local() -> None:
+    drops = medication("tobramycin 0.3% solution", TODAY, started_days_ago=2, route="")
+    drops["dosageInstruction"][0]["text"] = "Instill 1 drop into both eyes every 4 hours"
+    cards = run([cidofovir_draft()], [*base(), observation("2888-6", 10, "mg/dL", TODAY), drops], TODAY)
+    assert rules_of(cards)[0] != "cidofovir-contraindicated"
+
+
+def test_a_valganciclovir_draft_by_feeding_tube_is_not_a_route_change() -> None:
+    """Valganciclovir oral solution 900 mg twice daily by NG tube: the induction dose as written is confirmed."""
+    selected = draft(
+        "valganciclovir", "313566", dose_mg=900, route="per NG tube", frequency=2, period=1, period_unit="d"
+    )
+    assert "dose-adjust" not in rules_of(run([selected], base(), TODAY))
+
+
+@pytest.mark.parametrize(
+    ("report", "suspected"),
+    [
+        ("No resistance mutations detected. Mutations screened: UL97 M460V, H520Q, C592G; UL54 A987G.", False),
+        ("UL97 M460V detected, UL54 NEG", True),
+        ("UL97: M460V detected, UL54: no mutations detected", True),
+        ("Mutations detected: UL97 L595S, UL54 none detected", True),
+        ("UL54: wild type; UL97 M460V", True),
+        ("Not detected: M460V, H520Q", False),
+        ("Mutation panel: M460V, H520Q, A594V. Result: M460V detected", True),
+    ],
+)  # fmt: skip
+def test_resistance_reports_read_part_by_part(report: str, suspected: bool) -> None:
+    genotype = observation("", None, "", TODAY, valueString=report, code={"text": "CMV UL97/UL54 genotype"})
+    cards = run([gcv_draft()], [*base(), genotype], TODAY)
+    assert ("resistance" in rules_of(cards)) is suspected
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CMV DNA genotyping, antiviral resistance", "No resistance mutations detected"),
+        ("CMV DNA PCR, plasma", "Wild type, no resistance mutations detected"),
+    ],
+)
+def test_a_genotype_report_named_or_worded_as_one_is_not_a_viral_load(name: str, value: str) -> None:
+    """Blood CMV DNA 5,000 IU/mL five days ago after a completed induction; today's genotype report is not an
+    undetectable viral load, so induction continues (900 mg twice daily)."""
+    genotype = observation("", None, "", TODAY, days_ago=0, valueString=value, code={"text": name})
+    blood = observation("72493-0", 5000, "[IU]/mL", TODAY, days_ago=5)
+    cards = run([maintenance_draft()], [*base(), completed_induction(), blood, genotype], TODAY)
+    assert doses(by_rule(cards, "dose-adjust")) == [(900, 2, 1, "d")]
+
+
+def test_a_mutation_in_a_genotype_named_by_cmv_and_resistance_is_resistance() -> None:
+    genotype = observation(
+        "",
+        None,
+        "",
+        TODAY,
+        valueString="UL97 M460V detected",
+        code={"text": "CMV DNA genotyping, antiviral resistance"},
+    )
+    assert "resistance" in rules_of(run([gcv_draft()], [*base(), genotype], TODAY))
+
+
+@pytest.mark.parametrize(("authored_days_ago", "saline_only"), [(0, True), (1, True), (2, False), (60, False)])
+def test_a_probenecid_draft_left_from_an_earlier_day_is_not_this_session(
+    authored_days_ago: int, saline_only: bool
+) -> None:
+    left = medication(
+        "probenecid 500 mg tablet", TODAY, started_days_ago=authored_days_ago, status="draft", route="oral"
+    )
+    cards = run([cidofovir_draft()], [*base(), observation("2888-6", 10, "mg/dL", TODAY), left], TODAY)
+    labels = [s.label for s in by_rule(cards, "cidofovir-probenecid-hydration").suggestions]
+    assert (labels == ["Order saline prehydration with each cidofovir dose"]) is saline_only

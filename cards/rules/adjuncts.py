@@ -3,6 +3,8 @@ interactions, and the guideline advice that comes with CMV disease (no orders fo
 
 from __future__ import annotations
 
+import datetime as dt
+
 from cards import fhir_out
 from cards.model import Action, Card, Source, Suggestion
 from cards.orders import OrderFact
@@ -23,6 +25,9 @@ from cards.therapy import CONTINUOUS_GAP_DAYS, current_course
 
 # docs/policy.md §9: IV → oral step-down after ≥ 3 days of IV ganciclovir.
 STEP_DOWN_MIN_IV_DAYS = 3
+# A MedicationRequest of status "draft" on the record counts as drafted in this ordering session when it was
+# authored today or yesterday (a session that spans midnight); an older draft was left unsigned.
+SESSION_DRAFT_DAYS = 1
 
 
 def cidofovir_adjuncts(ctx: Context, order: OrderFact) -> list[Card]:
@@ -30,8 +35,14 @@ def cidofovir_adjuncts(ctx: Context, order: OrderFact) -> list[Card]:
     MedicationRequest (Vistide label, Dosage and Administration; docs/policy.md §6)."""
     if order.drug != "cidofovir":
         return []
-    # A probenecid drafted in this session is the clinician ordering it; an older one (for gout) is not this regimen.
-    probenecid_drafted = any((m.draft or m.status == "draft") and "Probenecid" in m.sets for m in ctx.facts.medications)
+    # A probenecid drafted in this session is the clinician ordering it; an older one (for gout) is not this regimen,
+    # nor is a draft left on the record from an earlier day: those doses would go without probenecid.
+    session_start = ctx.facts.today - dt.timedelta(days=SESSION_DRAFT_DAYS)
+    probenecid_drafted = any(
+        "Probenecid" in m.sets
+        and (m.draft or (m.status == "draft" and m.start is not None and m.start >= session_start))
+        for m in ctx.facts.medications
+    )
     regimen = ctx.regimen("cidofovir", ctx.phase("cidofovir", order))
     if not isinstance(regimen, Regimen):
         return []
