@@ -35,7 +35,7 @@ from cards.fhir_in import (
     parse_instant,
     reference_of,
 )
-from cards.orders import OrderFact, cmv_drug, medication_fact, read_draft_dose, says_maintenance
+from cards.orders import OrderFact, cmv_drug, medication_fact, read_draft_dose, text_phase
 from cards.therapy import MedicationFact
 
 Sex = Literal["male", "female", "other", "unknown"]
@@ -70,17 +70,32 @@ _DETECTED = re.compile(r"(?<!non-)(?<!not )\b(detected|positive|pos|reactive)\b"
 # H520Q; UL54 A987G") reports nothing found by itself; a gene label starts a new finding ("UL54: wild type; UL97
 # M460V").
 _SENTENCES = re.compile(r"(?<![.\s])\.(?=\s|$)|\n")  # a full stop, not an ellipsis
-_PARTS = re.compile(r"[,;()\[\]]")
-_MUTATION = re.compile(r"\b(p\.)?[A-Z]\d{3}[A-Z]\b")
+_PARTS = re.compile(r"[,;()\[\]]|\s+and\s+|\s+/\s+")
+# A protein change in one-letter (M460V, p.M460V) or three-letter (p.Met460Val) notation, or a deletion (del 591-594).
+_MUTATION = re.compile(r"\b(p\.)?([A-Z]\d{3}[A-Z]|[A-Z][a-z]{2}\d{3}[A-Z][a-z]{2})\b|\bdel\w*\s*\d{3}")
 _GENE = re.compile(r"\bUL\s?\d{2,3}\b", re.IGNORECASE)
 _PANEL = re.compile(
     r"\b(screened|screens|tested|panel|covered|covers|includ\w*|analy[sz]ed|assessed|interrogated|targets?"
-    r"|regions?|codons?|limitations?|sensitivity)\b",
+    r"|limitations?|sensitivity)\b",
+    re.IGNORECASE,
+)
+# A named variant that is not resistance: "UL97 D605E (polymorphism, not resistance)".
+_NOT_RESISTANCE = re.compile(
+    r"\b(polymorphisms?|natural variants?|benign|not (associated with |a )?resistan\w*|no resistance)\b", re.IGNORECASE
+)
+# The report's own interpretation: "Ganciclovir: RESISTANT", "resistant to ganciclovir".
+_GANCICLOVIR_RESISTANT = re.compile(
+    r"\b(val)?ganciclovir\W{0,3}(resistant|resistance (detected|present|likely))\b"
+    r"|(?<!not )\bresistant to (val)?ganciclovir\b",
     re.IGNORECASE,
 )
 _BRACKETED_PANEL = re.compile(rf"\([^()]*{_PANEL.pattern}[^()]*\)|\[[^\[\]]*{_PANEL.pattern}[^\[\]]*\]", re.IGNORECASE)
-# A result named as a genotype or resistance test, or whose value speaks of mutations, is not a viral load.
-_GENOTYPE_WORDS = re.compile(r"\b(genotyp\w*|resistance|mutations?|sequenc\w*|wild[- ]?type)\b", re.IGNORECASE)
+_VARIANT_NOT_RESISTANCE = re.compile(rf"\S+\s*\([^()]*{_NOT_RESISTANCE.pattern}[^()]*\)", re.IGNORECASE)
+# A CMV result named as a resistance test (not a glycoprotein/strain genotype, nor a viral load reflexing to one),
+# and a value that speaks of mutations: a genotype report, not a viral load.
+_RESISTANCE_NAME = re.compile(r"\b(resistan\w*|genotyp\w*|mutations?)\b", re.IGNORECASE)
+_NOT_RESISTANCE_NAME = re.compile(r"\b(glycoprotein|g[bhno]\d?|strain|reflex\w*|quant\w*|viral load)\b", re.IGNORECASE)
+_GENOTYPE_VALUE = re.compile(r"\b(mutations?|wild[- ]?type|genotyp\w*|polymorphism)\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -309,13 +324,24 @@ def _reads_undetectable(observation: Mapping[str, Any]) -> bool:
     return any(_UNDETECTED.search(text) for text in _value_texts(observation))
 
 
-def _genotype_report(observation: Mapping[str, Any], sets: ConceptSets) -> bool:
-    """A resistance genotype, not a viral load: by its name, or by a value that speaks of mutations or genotype
-    ("No resistance mutations detected" is not an undetectable viral load; docs/policy.md §11)."""
+def _resistance_test(observation: Mapping[str, Any], sets: ConceptSets) -> bool:
+    """A CMV resistance genotype: by the CmvResistance names (the gene, CMV with resistance), or a CMV result whose
+    name speaks of resistance, genotyping or mutations — not a glycoprotein or strain genotype, nor a viral load
+    that names the resistance test it reflexes to (docs/policy.md §11)."""
     if "CmvResistance" in sets.matched:
         return True
-    texts = [*concept_texts(observation.get("code")), *_value_texts(observation)]
-    return any(_GENOTYPE_WORDS.search(text) for text in texts)
+    if "CmvInfection" not in sets.matched:
+        return False
+    names = concept_texts(observation.get("code"))
+    return any(_RESISTANCE_NAME.search(name) and not _NOT_RESISTANCE_NAME.search(name) for name in names)
+
+
+def _genotype_value(observation: Mapping[str, Any]) -> bool:
+    """A value that speaks of mutations or genotype ("No resistance mutations detected", "wild type"): a genotype
+    report's, never a viral load's. Interpretations are not read here ("rising: consider resistance testing")."""
+    texts = [observation["valueString"]] if isinstance(observation.get("valueString"), str) else []
+    texts += concept_texts(observation.get("valueCodeableConcept"))
+    return any(_GENOTYPE_VALUE.search(text) for text in texts)
 
 
 def _resistance_reported(observation: Mapping[str, Any]) -> bool:
@@ -331,9 +357,15 @@ def _resistance_reported(observation: Mapping[str, Any]) -> bool:
 
 def _sentence_reports_resistance(sentence: str) -> bool:
     sentence = _BRACKETED_PANEL.sub(" ", sentence)  # "(UL97 M460V, A594V screened)": the assay's targets
+    sentence = _VARIANT_NOT_RESISTANCE.sub(" ", sentence)  # "D605E (polymorphism, not resistance)"
     panel = False  # a listing of the assay's targets: to the end of the sentence
     none_found = False  # "not detected" / "wild type": until a gene label starts another finding
-    for part in _PARTS.split(sentence):
+    if _GANCICLOVIR_RESISTANT.search(sentence):
+        return True
+    for part in filter(None, _PARTS.split(sentence)):
+        if _NOT_RESISTANCE.search(part):
+            none_found = True
+            continue
         lists_targets = _PANEL.search(part) is not None
         panel = panel or lists_targets
         if _GENE.search(part):
@@ -446,7 +478,7 @@ class _FactBuilder:
         facts.pregnancy = self._positive_pregnancy_test() or facts.pregnancy
         weight = facts.weight.value if isinstance(facts.weight, Measurement) else None
         facts.orders = tuple(
-            OrderFact(order, str(order.get("id", "")), drug, read_draft_dose(order, weight), says_maintenance(order))
+            OrderFact(order, str(order.get("id", "")), drug, read_draft_dose(order, weight), text_phase(order))
             for order in selected_orders
             if (drug := cmv_drug(order)) is not None
         )
@@ -480,14 +512,15 @@ class _FactBuilder:
                     self._latest[set_name] = _Latest(instant, observation)
             elif set_name == "PregnancyTest":
                 self._pregnancy_tests.append(_Latest(instant, observation))
-            elif set_name == "CmvResistance" and self.facts.resistance is None and _resistance_reported(observation):
-                self.facts.resistance = Evidence(
-                    reference_of(observation), instant.date(), "UL97/UL54 mutation reported"
-                )
+        resistance_test = _resistance_test(observation, sets)
+        if resistance_test and self.facts.resistance is None and _resistance_reported(observation):
+            self.facts.resistance = Evidence(reference_of(observation), instant.date(), "UL97/UL54 mutation reported")
         kind = next((name for name in VIRAL_LOAD_SETS if name in sets.coded), None)
         if kind is None and not sets.matched.isdisjoint(VIRAL_LOAD_SETS):
             kind = _viral_load_kind_by_unit(observation)  # named, not coded: the unit says which kind
-        if kind is not None and not _genotype_report(observation, sets) and not _specimen_not_blood(observation):
+            if (resistance_test and "valueQuantity" not in observation) or _genotype_value(observation):
+                kind = None  # a genotype report, not a viral load (a coded viral-load LOINC code always is one)
+        if kind is not None and not _specimen_not_blood(observation):
             load = _viral_load(observation, kind, instant.date())
             if load is not None:
                 self._loads.append((instant, load))

@@ -6,10 +6,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from cards.dosing import Drug
-from cards.fhir_in import concept_label, concept_sets, concept_texts, reference_of
+from cards.fhir_in import concept_label, concept_sets, concept_texts, parse_date, reference_of
 from cards.therapy import MedicationFact, Route, exposure_window
 
 DRUG_SETS = (
@@ -42,14 +42,14 @@ class DraftDose:
 
 @dataclass(slots=True)
 class OrderFact:
-    """A selected draft order of a CMV antiviral: the drug, its dose as written, and whether it says it is a
-    maintenance regimen. ``resource`` is the validated draft, kept only to build update/delete actions."""
+    """A selected draft order of a CMV antiviral: the drug, its dose as written, and what its words say about its
+    phase (``text_phase``). ``resource`` is the validated draft, kept only to build update/delete actions."""
 
     resource: Mapping[str, Any]
     id: str
     drug: Drug
     dose: DraftDose
-    says_maintenance: bool
+    text_phase: TextPhase | None
 
 
 # --- medications --------------------------------------------------------------------------------------------------
@@ -62,6 +62,9 @@ _ROUTE_ORAL = re.compile(
     r"|(ng|og|nj|peg|g|j)[- ]?tube|(via|per)\s+(ng|og|nj|peg)|gastrostom\w*|jejunostom\w*)\b",
     re.IGNORECASE,
 )
+# A route written only as a tube's abbreviation ("NG", "PEG-J", "GT", "Dobhoff"): read in the route field alone, where
+# the abbreviation cannot be anything else.
+_ENTERAL_ROUTE = re.compile(r"^\s*(ng|ngt|og|ogt|nj|peg|peg-?j|gt|jt|g-?t|j-?t|dobhoff|enteral)\s*$", re.IGNORECASE)
 ROUTE_IV_SNOMED = "47625008"  # docs/policy.md §13: SNOMED CT intravenous route
 ROUTE_ORAL_SNOMED = "26643006"  # SNOMED CT oral route
 
@@ -86,10 +89,11 @@ def medication_route(request: Mapping[str, Any]) -> Route:
             return "iv"
         if isinstance(coding, dict) and coding.get("code") == ROUTE_ORAL_SNOMED:
             return "oral"
-    texts = concept_texts(route) + ([dosage["text"]] if isinstance(dosage.get("text"), str) else [])
+    route_texts = concept_texts(route)
+    texts = route_texts + ([dosage["text"]] if isinstance(dosage.get("text"), str) else [])
     if any(_ROUTE_IV.search(t) for t in texts):
         return "iv"
-    if any(_ROUTE_ORAL.search(t) for t in texts):
+    if any(_ROUTE_ORAL.search(t) for t in texts) or any(_ENTERAL_ROUTE.match(t) for t in route_texts):
         return "oral"
     return "other" if route else "unknown"
 
@@ -112,7 +116,8 @@ def medication_concept(request: Mapping[str, Any]) -> Any:
 _LOCAL = re.compile(
     r"\b(topical\w*|ophthalmic|ophth|intravitreal\w*|intraocular|cutaneous|transdermal|ointment|cream|lotion"
     r"|eye ?drops?|eye gel|mouthwash|oral rinse|apply|implant"
-    r"|instill?\w*\s+(\d+\s+)?(drops?\s+)?(in|into)\s+(the\s+|each\s+|both\s+|left\s+|right\s+|affected\s+)*(eyes?|ears?))\b",
+    r"|instill?\w*\s+(\d+(-\d+)?\s+)?(drops?\s+)?(in|into|to)\s+(the\s+|each\s+|both\s+|left\s+|right\s+|affected\s+)*"
+    r"(eyes?|ears?))\b",
     re.IGNORECASE,
 )
 # Drug sets that count only as systemic therapy: a local form of these drugs does not act on the whole body.
@@ -163,6 +168,7 @@ def medication_fact(request: Mapping[str, Any], *, draft: bool) -> MedicationFac
         end=end,
         route=route,
         draft=draft,
+        authored=parse_date(request.get("authoredOn")),
     )
 
 
@@ -179,48 +185,73 @@ _TIMING_CODES: dict[str, float] = {  # doses per hour for common HL7 v3 GTSAbbre
     "Q24H": 1 / 24,
 }
 _PERIOD_HOURS = {"h": 1.0, "d": 24.0, "wk": 168.0, "min": 1 / 60, "s": 1 / 3600, "mo": 720.0}
-_MAINTENANCE = re.compile(r"\bmaintenance\b", re.IGNORECASE)
-_NOT_MAINTENANCE = re.compile(r"\b(not|no|non)[\s-]+(a\s+)?maintenance\b", re.IGNORECASE)
+_MAINTENANCE = re.compile(r"\bmaint(enance|\.)?(?!\w)", re.IGNORECASE)
+_NOT_MAINTENANCE = re.compile(
+    r"\b(not|no|non)[\s-]+(a\s+)?maint(enance|\.)?(?!\w)"
+    r"|\bnot\s+(yet\s+)?(start|begin)\w*\s+maint"
+    r"|\bmaint(enance|\.)?\s+(not\s+yet|once|when|until)\b",
+    re.IGNORECASE,
+)
 # Induction named before maintenance means the order begins with induction ("Induction: 900 mg twice daily x 21
 # days; maintenance 900 mg daily afterwards"), unless it is induction already done ("completed induction",
 # "after induction", "post-induction", "induction complete").
-_INDUCTION = re.compile(r"\binduction\b", re.IGNORECASE)
+_INDUCTION = re.compile(r"\binduct\w*", re.IGNORECASE)
 _INDUCTION_DONE_BEFORE = re.compile(
-    r"\b(completed?|completion of|after|following|post|finished|end of|s/p)[\s-]+$", re.IGNORECASE
+    r"\b(completed?|completion of|after|post|finished|end of|s/p)[\s-]+$", re.IGNORECASE
 )
 _INDUCTION_DONE_AFTER = re.compile(
-    r"^\s*(therapy\s+|course\s+|phase\s+)?(is\s+|was\s+|has been\s+)?(complete|completed|done|finished|over|ended)\b",
+    r"^\s*(therapy\s+|course\s+|phase\s+)?(is\s+|was\s+|has been\s+)?(complete|completed|done|finished|ended)\b"
+    r"(?!\s*\?)",
     re.IGNORECASE,
 )
 # A sequence word in the same sentence before "maintenance" ("900 mg twice daily for 21 days, then 900 mg daily
-# maintenance"), "before/prior to (starting) maintenance", or maintenance "to follow" / "afterwards": maintenance
-# comes later. "Check CBC before first dose. Maintenance 900 mg daily" is maintenance: the "before" is a lab
-# instruction of another sentence.
-_SEQUENCE_BEFORE = re.compile(r"\b(then|followed by|thereafter|after which)\b", re.IGNORECASE)
+# maintenance", "f/b maintenance", "→ maintenance"), "before/prior to (starting) maintenance", or maintenance "to
+# follow" / "afterwards": maintenance comes later.
+_SEQUENCE_BEFORE = re.compile(
+    r"\b(then|followed by|f/b|thereafter|after which|subsequently|next|later)\b|→|->", re.IGNORECASE
+)
 _BEFORE_MAINTENANCE = re.compile(r"\b(before|prior to)\s+(starting\s+|beginning\s+|the\s+)?$", re.IGNORECASE)
-_MAINTENANCE_LATER = re.compile(r"^[^.;\n]{0,40}?\b(to follow|afterwards?|thereafter|later)\b", re.IGNORECASE)
+_MAINTENANCE_LATER = re.compile(
+    r"^[^.;\n]{0,40}?\b(to follow|afterwards?|thereafter|later|next week|start\w* (on|after|next|in)\b)",
+    re.IGNORECASE,
+)
 _SENTENCE_END = re.compile(r"[.;\n]")
+# Words that may describe a sequence or a time in a text that also names maintenance ("x21d", "days 22+", "until",
+# "start"): the text alone cannot say which phase the order is, and the dose as written decides (TextPhase "either").
+_SEQUENCE_CUES = re.compile(
+    r"\b(induct\w*|then|f/b|next|later|subsequent\w*|until|after|start\w*|begin\w*|days?\s*\d+|weeks?"
+    r"|x\s*\d+\s*d\w*)(?!\w)|→|->",
+    re.IGNORECASE,
+)
+
+# What the draft's own words say about its phase: maintenance; induction first (or not maintenance); "either" (it
+# names maintenance beside words of sequence or time); None when it does not name maintenance.
+TextPhase = Literal["maintenance", "induction", "either"]
 
 
-def _maintenance_now(text: str) -> bool | None:
-    """Whether a text says the order is maintenance now (True), begins with something else first or is not
-    maintenance (False), or does not name maintenance at all (None)."""
+def _text_phase(text: str) -> TextPhase | None:
     first = _MAINTENANCE.search(text)
     if first is None:
         return None
     if _NOT_MAINTENANCE.search(text):
-        return False
+        return "induction"
     head = text[: first.start()]
-    for induction in _INDUCTION.finditer(head):
-        if not (
-            _INDUCTION_DONE_BEFORE.search(head[: induction.start()])
-            or _INDUCTION_DONE_AFTER.match(text[induction.end() :])
+    induction_done = False
+    for induction in _INDUCTION.finditer(text):
+        if _INDUCTION_DONE_BEFORE.search(text[: induction.start()]) or _INDUCTION_DONE_AFTER.match(
+            text[induction.end() :]
         ):
-            return False
+            induction_done = True
+        elif induction.start() < first.start():
+            return "induction"
     sentence = _SENTENCE_END.split(head)[-1]
     if _SEQUENCE_BEFORE.search(sentence) or _BEFORE_MAINTENANCE.search(sentence):
-        return False
-    return _MAINTENANCE_LATER.match(text[first.end() :]) is None
+        return "induction"
+    if _MAINTENANCE_LATER.match(text[first.end() :]):
+        return "induction"
+    if induction_done:
+        return "maintenance"
+    return "either" if _SEQUENCE_CUES.search(text) else "maintenance"
 
 
 def read_draft_dose(order: Mapping[str, Any], weight_kg: float | None) -> DraftDose:
@@ -262,9 +293,10 @@ def read_draft_dose(order: Mapping[str, Any], weight_kg: float | None) -> DraftD
     return DraftDose(mg=mg, invalid=invalid, per_hour=per_hour, route=medication_route(order))
 
 
-def says_maintenance(order: Mapping[str, Any]) -> bool:
-    """The draft says in its dosage text, notes or course of therapy that it is a maintenance regimen, and nothing
-    there says it begins with induction or is not maintenance."""
+def text_phase(order: Mapping[str, Any]) -> TextPhase | None:
+    """What the draft's dosage text, notes and course of therapy say about its phase (``TextPhase``; docs/policy.md
+    §1): induction first if any text says so, else "either" if any text is unclear, else maintenance if any names
+    it, else None."""
     texts: list[str] = []
     for key in ("dosageInstruction", "note"):
         items = order.get(key)
@@ -272,8 +304,8 @@ def says_maintenance(order: Mapping[str, Any]) -> bool:
             if isinstance(item, dict) and isinstance(item.get("text"), str):
                 texts.append(item["text"])
     texts += concept_texts(order.get("courseOfTherapyType"))
-    readings = [_maintenance_now(text) for text in texts]
-    return True in readings and False not in readings
+    readings = {_text_phase(text) for text in texts}
+    return next((phase for phase in ("induction", "either", "maintenance") if phase in readings), None)
 
 
 _DRUGS: tuple[tuple[str, Drug], ...] = (

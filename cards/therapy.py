@@ -47,6 +47,7 @@ class MedicationFact:
     end: dt.date | None
     route: Route
     draft: bool
+    authored: dt.date | None = None  # authoredOn: when the order was written (a draft's session)
 
     @property
     def given(self) -> bool:

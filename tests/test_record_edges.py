@@ -771,3 +771,114 @@ def test_a_probenecid_draft_left_from_an_earlier_day_is_not_this_session(
     cards = run([cidofovir_draft()], [*base(), observation("2888-6", 10, "mg/dL", TODAY), left], TODAY)
     labels = [s.label for s in by_rule(cards, "cidofovir-probenecid-hydration").suggestions]
     assert (labels == ["Order saline prehydration with each cidofovir dose"]) is saline_only
+
+
+# --- fourth review: what the third pass's readings still got wrong --------------------------------------------
+
+
+def induction_draft(text: str) -> dict[str, Any]:
+    return draft(
+        "valganciclovir", "313566", dose_mg=900, route="oral", frequency=2, period=1, period_unit="d", text=text
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "900 mg BID x21d f/b maintenance 900 mg daily",
+        "900 mg BID -> maintenance 900 mg daily",
+        "Days 1-21: 900 mg BID. Days 22+: maintenance",
+        "900 mg BID x21d; maintenance 900 mg daily",
+        "Maintenance 900 mg daily, start next week",
+        "Do not start maintenance until day 22",
+        "Maintenance not yet - induction x21d",
+        "Maintenance once PCR undetectable",
+    ],
+)
+def test_an_induction_draft_whose_text_also_names_maintenance_is_confirmed(text: str) -> None:
+    """900 mg twice daily as written (the induction regimen), words that name maintenance for later or unclearly:
+    the dose as written is not halved."""
+    assert "dose-adjust" not in rules_of(run([induction_draft(text)], base(), TODAY))
+
+
+@pytest.mark.parametrize(
+    "text", ["Induction over 21 days; maintenance 900 mg daily", "Induction complete? No. Maintenance later"]
+)
+def test_induction_not_done_is_not_read_as_done(text: str) -> None:
+    selected = draft(
+        "valganciclovir", "313566", dose_mg=900, route="oral", frequency=1, period=1, period_unit="d", text=text
+    )
+    assert doses(by_rule(run([selected], base(), TODAY), "dose-adjust")) == [(900, 2, 1, "d")]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"code": {"coding": [{"system": "http://loinc.org", "code": "72493-0"}],
+                  "text": "CMV DNA Quant PCR (reflex to resistance genotyping if >1000 IU/mL)"}},
+        {"code": {"coding": [{"system": "http://loinc.org", "code": "72493-0"}], "text": "sequence-specific probe"}},
+        {"interpretation": [{"text": "High. Rising on therapy: consider resistance testing"}]},
+    ],
+)  # fmt: skip
+def test_a_coded_viral_load_is_read_whatever_its_name_says(extra: dict[str, Any]) -> None:
+    """Induction complete on record, undetectable 3 days ago, 5,000 IU/mL today (LOINC 72493-0): viraemic again, so
+    the maintenance draft is corrected to induction (900 mg twice daily)."""
+    today = observation("72493-0", 5000, "[IU]/mL", TODAY, days_ago=0, **extra)
+    resources = [*base(), completed_induction(), undetectable_viral_load(days_ago=3), today]
+    assert doses(by_rule(run([maintenance_draft()], resources, TODAY), "dose-adjust")) == [(900, 2, 1, "d")]
+
+
+@pytest.mark.parametrize(
+    ("report", "suspected"),
+    [
+        ("UL97 codon 460: M460V", True),
+        ("M460V detected in the UL97 region sequenced", True),
+        ("Resistance mutation M460V detected in the UL97 gene region", True),
+        ("UL97 M460V detected and UL54 not detected", True),
+        ("UL97 M460V detected / UL54 negative", True),
+        ("Ganciclovir: RESISTANT", True),
+        ("Interpretation: resistant to ganciclovir", True),
+        ("UL97: p.Met460Val", True),
+        ("UL97 del 591-594", True),
+        ("UL97 D605E (polymorphism, not resistance)", False),
+        ("Not resistant to ganciclovir", False),
+    ],
+)
+def test_genotype_report_formats(report: str, suspected: bool) -> None:
+    genotype = observation("", None, "", TODAY, valueString=report, code={"text": "CMV UL97/UL54 genotype"})
+    assert ("resistance" in rules_of(run([gcv_draft()], [*base(), genotype], TODAY))) is suspected
+
+
+@pytest.mark.parametrize("name", ["CMV genotype (glycoprotein B)", "HIV-1 genotype"])
+def test_other_genotypes_are_not_cmv_resistance(name: str) -> None:
+    genotype = observation("", None, "", TODAY, valueString="gB2 genotype detected", code={"text": name})
+    assert "resistance" not in rules_of(run([gcv_draft()], [*base(), genotype], TODAY))
+
+
+@pytest.mark.parametrize(("authored_days_ago", "starts_days_ago"), [(60, 0), (-7, -7), (None, 0)])
+def test_a_probenecid_draft_is_of_this_session_by_when_it_was_written(
+    authored_days_ago: int | None, starts_days_ago: int
+) -> None:
+    """Written 60 days ago (planned to start today), dated next week, or with no authoredOn: not this session's, so
+    the regimen's probenecid is still proposed."""
+    left = medication("probenecid 500 mg tablet", TODAY, started_days_ago=starts_days_ago, status="draft", route="oral")
+    if authored_days_ago is None:
+        del left["authoredOn"]
+    else:
+        left["authoredOn"] = (TODAY - dt.timedelta(days=authored_days_ago)).isoformat()
+    cards = run([cidofovir_draft()], [*base(), observation("2888-6", 10, "mg/dL", TODAY), left], TODAY)
+    labels = [s.label for s in by_rule(cards, "cidofovir-probenecid-hydration").suggestions]
+    assert labels == ["Order probenecid and saline prehydration with each cidofovir dose"]
+
+
+def test_eye_drops_instilled_to_the_affected_eye_are_local() -> None:
+    drops = medication("tobramycin 0.3% solution", TODAY, started_days_ago=2, route="")
+    drops["dosageInstruction"][0]["text"] = "Instill 1-2 drops to affected eye every 4 hours"
+    cards = run([cidofovir_draft()], [*base(), observation("2888-6", 10, "mg/dL", TODAY), drops], TODAY)
+    assert rules_of(cards)[0] != "cidofovir-contraindicated"
+
+
+@pytest.mark.parametrize("route", ["NG", "PEG-J", "GT", "Dobhoff"])
+def test_a_route_written_as_a_tube_abbreviation_is_enteral(route: str) -> None:
+    selected = draft("valganciclovir", "313566", dose_mg=900, route=route, frequency=2, period=1, period_unit="d")
+    assert "dose-adjust" not in rules_of(run([selected], base(), TODAY))

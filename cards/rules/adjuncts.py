@@ -25,8 +25,9 @@ from cards.therapy import CONTINUOUS_GAP_DAYS, current_course
 
 # docs/policy.md §9: IV → oral step-down after ≥ 3 days of IV ganciclovir.
 STEP_DOWN_MIN_IV_DAYS = 3
-# A MedicationRequest of status "draft" on the record counts as drafted in this ordering session when it was
-# authored today or yesterday (a session that spans midnight); an older draft was left unsigned.
+# A MedicationRequest of status "draft" on the record counts as drafted in this ordering session when its
+# authoredOn is today or yesterday (a session that spans midnight); an older draft was left unsigned, and one with
+# no authoredOn, or dated ahead, cannot be placed in this session.
 SESSION_DRAFT_DAYS = 1
 
 
@@ -37,10 +38,17 @@ def cidofovir_adjuncts(ctx: Context, order: OrderFact) -> list[Card]:
         return []
     # A probenecid drafted in this session is the clinician ordering it; an older one (for gout) is not this regimen,
     # nor is a draft left on the record from an earlier day: those doses would go without probenecid.
-    session_start = ctx.facts.today - dt.timedelta(days=SESSION_DRAFT_DAYS)
+    today = ctx.facts.today
     probenecid_drafted = any(
         "Probenecid" in m.sets
-        and (m.draft or (m.status == "draft" and m.start is not None and m.start >= session_start))
+        and (
+            m.draft
+            or (
+                m.status == "draft"
+                and m.authored is not None
+                and today - dt.timedelta(days=SESSION_DRAFT_DAYS) <= m.authored <= today
+            )
+        )
         for m in ctx.facts.medications
     )
     regimen = ctx.regimen("cidofovir", ctx.phase("cidofovir", order))

@@ -87,12 +87,19 @@ class Context:
         return self.phase_and_reason(drug, order)[0]
 
     def phase_and_reason(self, drug: Drug, order: OrderFact | None = None) -> tuple[Phase, str | None]:
-        """The phase, and why maintenance (for the card), or None for induction."""
-        if order is not None and order.says_maintenance:
+        """The phase, and why maintenance (for the card), or None for induction (docs/policy.md §1, §8): the order's
+        words when they say maintenance; the record when induction is complete; and when the words are unclear
+        ("900 mg BID x21d f/b maintenance"), the dose as written if it is the maintenance regimen."""
+        if order is not None and order.text_phase == "maintenance":
             return "maintenance", "the selected order says it is a maintenance regimen"
         if drug not in self._phases:
             self._phases[drug] = completed_induction(self.facts, drug)
-        return self._phases[drug]
+        phase = self._phases[drug]
+        if phase[0] == "induction" and order is not None and order.text_phase == "either":
+            maintenance = self.regimen(drug, "maintenance")
+            if isinstance(maintenance, Regimen) and fits_regimen(self, order, maintenance):
+                return "maintenance", "the selected order names maintenance and is written at the maintenance dose"
+        return phase
 
 
 def completed_induction(facts: PatientFacts, drug: Drug) -> tuple[Phase, str | None]:
