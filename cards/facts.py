@@ -72,7 +72,11 @@ _DETECTED = re.compile(r"(?<!non-)(?<!not )\b(detected|positive|pos|reactive)\b"
 _SENTENCES = re.compile(r"(?<![.\s])\.(?=\s|$)|\n")  # a full stop, not an ellipsis
 _PARTS = re.compile(r"[,;()\[\]]|\s+and\s+|\s+/\s+")
 # A protein change in one-letter (M460V, p.M460V) or three-letter (p.Met460Val) notation, or a deletion (del 591-594).
-_MUTATION = re.compile(r"\b(p\.)?([A-Z]\d{3}[A-Z]|[A-Z][a-z]{2}\d{3}[A-Z][a-z]{2})\b|\bdel\w*\s*\d{3}")
+_MUTATION = re.compile(
+    r"\b(p\.)?([A-Z]\d{3}[A-Z]|[A-Z][a-z]{2}\d{3}[A-Z][a-z]{2})\b|\b(?i:del|deletion)\s*(of\s+)?(codons?\s+)?\d{3}\b"
+)
+# Identifiers that look like mutations ("Accession S240K", "Sample ID: A123B"): taken out before reading.
+_IDENTIFIER = re.compile(r"\b(accession|sample|specimen|order|lot|ref|id)\b\s*(#|no\.?|number|id)?\s*:?\s*\S+", re.I)
 _GENE = re.compile(r"\bUL\s?\d{2,3}\b", re.IGNORECASE)
 _PANEL = re.compile(
     r"\b(screened|screens|tested|panel|covered|covers|includ\w*|analy[sz]ed|assessed|interrogated|targets?"
@@ -81,7 +85,7 @@ _PANEL = re.compile(
 )
 # A named variant that is not resistance: "UL97 D605E (polymorphism, not resistance)".
 _NOT_RESISTANCE = re.compile(
-    r"\b(polymorphisms?|natural variants?|benign|not (associated with |a )?resistan\w*|no resistance)\b", re.IGNORECASE
+    r"\b(polymorphisms?|natural variants?|benign|not\b[^.;,]{0,30}\bresistan\w*|no resistance)\b", re.IGNORECASE
 )
 # The report's own interpretation: "Ganciclovir: RESISTANT", "resistant to ganciclovir".
 _GANCICLOVIR_RESISTANT = re.compile(
@@ -94,8 +98,11 @@ _VARIANT_NOT_RESISTANCE = re.compile(rf"\S+\s*\([^()]*{_NOT_RESISTANCE.pattern}[
 # A CMV result named as a resistance test (not a glycoprotein/strain genotype, nor a viral load reflexing to one),
 # and a value that speaks of mutations: a genotype report, not a viral load.
 _RESISTANCE_NAME = re.compile(r"\b(resistan\w*|genotyp\w*|mutations?)\b", re.IGNORECASE)
-_NOT_RESISTANCE_NAME = re.compile(r"\b(glycoprotein|g[bhno]\d?|strain|reflex\w*|quant\w*|viral load)\b", re.IGNORECASE)
-_GENOTYPE_VALUE = re.compile(r"\b(mutations?|wild[- ]?type|genotyp\w*|polymorphism)\b", re.IGNORECASE)
+_NOT_RESISTANCE_NAME = re.compile(
+    r"\b(glycoprotein|g[bhno]\d?|strain|reflex\w*|quant\w*|viral load|load|pcr|naa|monitor\w*|consider\w*)\b",
+    re.IGNORECASE,
+)
+_GENOTYPE_VALUE = re.compile(r"\b(mutations?|wild[- ]?type|polymorphisms?)\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -328,6 +335,8 @@ def _resistance_test(observation: Mapping[str, Any], sets: ConceptSets) -> bool:
     """A CMV resistance genotype: by the CmvResistance names (the gene, CMV with resistance), or a CMV result whose
     name speaks of resistance, genotyping or mutations — not a glycoprotein or strain genotype, nor a viral load
     that names the resistance test it reflexes to (docs/policy.md §11)."""
+    if "valueQuantity" in observation or not sets.coded.isdisjoint(VIRAL_LOAD_SETS):
+        return False  # a viral load (a quantity, or a viral-load LOINC code) is never a genotype report
     if "CmvResistance" in sets.matched:
         return True
     if "CmvInfection" not in sets.matched:
@@ -337,11 +346,12 @@ def _resistance_test(observation: Mapping[str, Any], sets: ConceptSets) -> bool:
 
 
 def _genotype_value(observation: Mapping[str, Any]) -> bool:
-    """A value that speaks of mutations or genotype ("No resistance mutations detected", "wild type"): a genotype
-    report's, never a viral load's. Interpretations are not read here ("rising: consider resistance testing")."""
+    """A value whose first sentence speaks of mutations ("No resistance mutations detected", "wild type"): a
+    genotype report's, never a viral load's. Interpretations are not read here ("consider resistance testing")."""
     texts = [observation["valueString"]] if isinstance(observation.get("valueString"), str) else []
     texts += concept_texts(observation.get("valueCodeableConcept"))
-    return any(_GENOTYPE_VALUE.search(text) for text in texts)
+    # The result is stated first: "Detected, 5,200 IU/mL. Sent for resistance mutation analysis." is a viral load.
+    return any(_GENOTYPE_VALUE.search(_SENTENCES.split(text, maxsplit=1)[0]) for text in texts)
 
 
 def _resistance_reported(observation: Mapping[str, Any]) -> bool:
@@ -356,12 +366,11 @@ def _resistance_reported(observation: Mapping[str, Any]) -> bool:
 
 
 def _sentence_reports_resistance(sentence: str) -> bool:
+    sentence = _IDENTIFIER.sub(" ", sentence)
     sentence = _BRACKETED_PANEL.sub(" ", sentence)  # "(UL97 M460V, A594V screened)": the assay's targets
     sentence = _VARIANT_NOT_RESISTANCE.sub(" ", sentence)  # "D605E (polymorphism, not resistance)"
     panel = False  # a listing of the assay's targets: to the end of the sentence
     none_found = False  # "not detected" / "wild type": until a gene label starts another finding
-    if _GANCICLOVIR_RESISTANT.search(sentence):
-        return True
     for part in filter(None, _PARTS.split(sentence)):
         if _NOT_RESISTANCE.search(part):
             none_found = True
@@ -373,7 +382,7 @@ def _sentence_reports_resistance(sentence: str) -> bool:
         if _UNDETECTED.search(part):
             none_found = True
             continue
-        if _DETECTED.search(part) and not lists_targets:
+        if (_DETECTED.search(part) or _GANCICLOVIR_RESISTANT.search(part)) and not lists_targets:
             return True
         if _MUTATION.search(part) and not panel and not none_found:
             return True

@@ -90,10 +90,15 @@ def medication_route(request: Mapping[str, Any]) -> Route:
         if isinstance(coding, dict) and coding.get("code") == ROUTE_ORAL_SNOMED:
             return "oral"
     route_texts = concept_texts(route)
-    texts = route_texts + ([dosage["text"]] if isinstance(dosage.get("text"), str) else [])
-    if any(_ROUTE_IV.search(t) for t in texts):
+    # The route field first: "oral" there is not overruled by "with maintenance IV fluids" in the instructions.
+    if any(_ROUTE_IV.search(t) for t in route_texts):
         return "iv"
-    if any(_ROUTE_ORAL.search(t) for t in texts) or any(_ENTERAL_ROUTE.match(t) for t in route_texts):
+    if any(_ROUTE_ORAL.search(t) or _ENTERAL_ROUTE.match(t) for t in route_texts):
+        return "oral"
+    text = dosage.get("text")
+    if isinstance(text, str) and _ROUTE_IV.search(text):
+        return "iv"
+    if isinstance(text, str) and _ROUTE_ORAL.search(text):
         return "oral"
     return "other" if route else "unknown"
 
@@ -185,17 +190,18 @@ _TIMING_CODES: dict[str, float] = {  # doses per hour for common HL7 v3 GTSAbbre
     "Q24H": 1 / 24,
 }
 _PERIOD_HOURS = {"h": 1.0, "d": 24.0, "wk": 168.0, "min": 1 / 60, "s": 1 / 3600, "mo": 720.0}
-_MAINTENANCE = re.compile(r"\bmaint(enance|\.)?(?!\w)", re.IGNORECASE)
+# "Maintenance IV fluids" / "maintenance hydration" are not a regimen.
+_MAINTENANCE = re.compile(r"\bmaint(enance|\.)?(?!\w)(?!\s+(iv\s+)?(fluids?|hydration|rate)\b)", re.IGNORECASE)
 _NOT_MAINTENANCE = re.compile(
     r"\b(not|no|non)[\s-]+(a\s+)?maint(enance|\.)?(?!\w)"
     r"|\bnot\s+(yet\s+)?(start|begin)\w*\s+maint"
-    r"|\bmaint(enance|\.)?\s+(not\s+yet|once|when|until)\b",
+    r"|\bmaint(enance|\.)?\s+(not\s+yet|when|once\s+(?!daily|a\s+day|weekly|per\b))",
     re.IGNORECASE,
 )
 # Induction named before maintenance means the order begins with induction ("Induction: 900 mg twice daily x 21
 # days; maintenance 900 mg daily afterwards"), unless it is induction already done ("completed induction",
 # "after induction", "post-induction", "induction complete").
-_INDUCTION = re.compile(r"\binduct\w*", re.IGNORECASE)
+_INDUCTION = re.compile(r"\b(re-?)?induct\w*", re.IGNORECASE)
 _INDUCTION_DONE_BEFORE = re.compile(
     r"\b(completed?|completion of|after|post|finished|end of|s/p)[\s-]+$", re.IGNORECASE
 )
@@ -212,14 +218,14 @@ _SEQUENCE_BEFORE = re.compile(
 )
 _BEFORE_MAINTENANCE = re.compile(r"\b(before|prior to)\s+(starting\s+|beginning\s+|the\s+)?$", re.IGNORECASE)
 _MAINTENANCE_LATER = re.compile(
-    r"^[^.;\n]{0,40}?\b(to follow|afterwards?|thereafter|later|next week|start\w* (on|after|next|in)\b)",
+    r"^[^.;\n]{0,40}?\b(to follow|afterwards?|thereafter|later|next week|start\w* (after|next)\b)",
     re.IGNORECASE,
 )
 _SENTENCE_END = re.compile(r"[.;\n]")
 # Words that may describe a sequence or a time in a text that also names maintenance ("x21d", "days 22+", "until",
 # "start"): the text alone cannot say which phase the order is, and the dose as written decides (TextPhase "either").
 _SEQUENCE_CUES = re.compile(
-    r"\b(induct\w*|then|f/b|next|later|subsequent\w*|until|after|start\w*|begin\w*|days?\s*\d+|weeks?"
+    r"\b((re-?)?induct\w*|then|f/b|next|later|subsequent\w*|until|after|start\w*|begin\w*|days?\s*\d+|weeks?"
     r"|x\s*\d+\s*d\w*)(?!\w)|→|->",
     re.IGNORECASE,
 )

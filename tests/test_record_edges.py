@@ -882,3 +882,104 @@ def test_eye_drops_instilled_to_the_affected_eye_are_local() -> None:
 def test_a_route_written_as_a_tube_abbreviation_is_enteral(route: str) -> None:
     selected = draft("valganciclovir", "313566", dose_mg=900, route=route, frequency=2, period=1, period_unit="d")
     assert "dose-adjust" not in rules_of(run([selected], base(), TODAY))
+
+
+# --- fifth review ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "interpretation"),
+    [
+        ("CMV DNA PCR, plasma (resistance monitoring)", "Detected"),
+        ("CMV DNA quant; consider genotypic resistance testing", "Positive"),
+    ],
+)
+def test_a_coded_viral_load_is_never_a_resistance_report(name: str, interpretation: str) -> None:
+    load = observation(
+        "72493-0", 5000, "[IU]/mL", TODAY, days_ago=0, interpretation=[{"text": interpretation}],
+        code={"coding": [{"system": "http://loinc.org", "code": "72493-0"}], "text": name},
+    )  # fmt: skip
+    assert "resistance" not in rules_of(run([gcv_draft()], [*base(), load], TODAY))
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        "No ganciclovir-resistant mutations detected",
+        "No ganciclovir-resistant UL97 or UL54 variants identified.",
+        "Not predicted to be resistant to ganciclovir",
+        "No resistance mutations detected. Specimen delayed 120 min in transit.",
+        "UL97: wild type. UL54: wild type. Report delegated 2024",
+        "UL97: wild type. Accession S240K",
+    ],
+)
+def test_wording_around_a_negative_genotype_is_not_resistance(report: str) -> None:
+    genotype = observation("", None, "", TODAY, valueString=report, code={"text": "CMV UL97/UL54 genotype"})
+    assert "resistance" not in rules_of(run([gcv_draft()], [*base(), genotype], TODAY))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Maintenance once daily",
+        "Maintenance until CD4 > 100 for 6 months",
+        "Maintenance 900 mg daily, starting on 11/22",
+        "Days 22+: maintenance",
+    ],
+)
+def test_a_maintenance_draft_at_900_mg_daily_is_confirmed(text: str) -> None:
+    assert "dose-adjust" not in rules_of(run([maintenance_draft_with(text)], base(), TODAY))
+
+
+def maintenance_draft_with(text: str, route: str | None = "oral") -> dict[str, Any]:
+    return draft(
+        "valganciclovir", "313566", dose_mg=900, route=route, frequency=1, period=1, period_unit="d", text=text
+    )
+
+
+def test_an_unclear_maintenance_draft_not_yet_renally_adjusted_gets_the_maintenance_dose() -> None:
+    """SCr 1.6 (CrCl 60 → 40–59 band): maintenance 450 mg once daily, induction 450 mg twice daily (label Table).
+    A once-daily 900 mg draft with unclear words is maintenance: 450 mg once daily, not twice."""
+    resources = [*without_code(base(), "2160-0"), observation("2160-0", 1.6, "mg/dL", TODAY)]
+    card = by_rule(run([maintenance_draft_with("Days 22+: maintenance")], resources, TODAY), "dose-adjust")
+    assert doses(card) == [(450, 1, 1, "d")]
+
+
+def test_an_unclear_maintenance_draft_without_a_route_stays_maintenance() -> None:
+    card = by_rule(run([maintenance_draft_with("Days 22+: maintenance", route=None)], base(), TODAY), "dose-adjust")
+    assert doses(card) == [(900, 1, 1, "d")]
+
+
+def test_reinduction_is_induction() -> None:
+    assert "dose-adjust" not in rules_of(
+        run([induction_draft("Reinduction; maintenance to be decided")], base(), TODAY)
+    )
+
+
+def test_maintenance_fluids_are_not_a_maintenance_regimen() -> None:
+    """Ganciclovir 400 mg IV q12h (5 mg/kg, induction) 'run with maintenance IV fluids': confirmed as written."""
+    selected = draft("ganciclovir", "310442", dose_mg=400, route="IV", frequency=1, period=12, period_unit="h",
+                     text="Run with maintenance IV fluids")  # fmt: skip
+    assert "dose-adjust" not in rules_of(run([selected], base(), TODAY))
+
+
+def test_the_route_field_outranks_the_instructions() -> None:
+    """Valganciclovir route 'oral', instructions mentioning IV fluids: an oral order, confirmed as written."""
+    assert "dose-adjust" not in rules_of(run([induction_draft("Give with IV fluids running")], base(), TODAY))
+
+
+def test_a_named_viral_load_sent_on_for_genotyping_is_still_a_viral_load() -> None:
+    result = observation(
+        "", None, "", TODAY, days_ago=0, code={"text": "CMV DNA PCR, plasma"},
+        valueString="Detected. Sent for resistance mutation analysis.",
+    )  # fmt: skip
+    resources = [*base(), completed_induction(), undetectable_viral_load(days_ago=3), result]
+    assert doses(by_rule(run([maintenance_draft()], resources, TODAY), "dose-adjust")) == [(900, 2, 1, "d")]
+
+
+def test_a_probenecid_draft_written_in_a_zone_ahead_is_of_this_session() -> None:
+    left = medication("probenecid 500 mg tablet", TODAY, started_days_ago=0, status="draft", route="oral")
+    left["authoredOn"] = f"{(TODAY + dt.timedelta(days=1)).isoformat()}T01:15:00+09:00"
+    cards = run([cidofovir_draft()], [*base(), observation("2888-6", 10, "mg/dL", TODAY), left], TODAY)
+    labels = [s.label for s in by_rule(cards, "cidofovir-probenecid-hydration").suggestions]
+    assert labels == ["Order saline prehydration with each cidofovir dose"]

@@ -26,8 +26,9 @@ from cards.therapy import CONTINUOUS_GAP_DAYS, current_course
 # docs/policy.md §9: IV → oral step-down after ≥ 3 days of IV ganciclovir.
 STEP_DOWN_MIN_IV_DAYS = 3
 # A MedicationRequest of status "draft" on the record counts as drafted in this ordering session when its
-# authoredOn is today or yesterday (a session that spans midnight); an older draft was left unsigned, and one with
-# no authoredOn, or dated ahead, cannot be placed in this session.
+# authoredOn is today or yesterday (a session that spans midnight; tomorrow too, as a time written in a zone ahead
+# of the server's reads); an older draft was left unsigned, and one with no authoredOn, or dated further ahead,
+# cannot be placed in this session.
 SESSION_DRAFT_DAYS = 1
 
 
@@ -46,7 +47,7 @@ def cidofovir_adjuncts(ctx: Context, order: OrderFact) -> list[Card]:
             or (
                 m.status == "draft"
                 and m.authored is not None
-                and today - dt.timedelta(days=SESSION_DRAFT_DAYS) <= m.authored <= today
+                and today - dt.timedelta(days=SESSION_DRAFT_DAYS) <= m.authored <= today + dt.timedelta(days=1)
             )
         )
         for m in ctx.facts.medications

@@ -95,11 +95,32 @@ class Context:
         if drug not in self._phases:
             self._phases[drug] = completed_induction(self.facts, drug)
         phase = self._phases[drug]
-        if phase[0] == "induction" and order is not None and order.text_phase == "either":
-            maintenance = self.regimen(drug, "maintenance")
-            if isinstance(maintenance, Regimen) and fits_regimen(self, order, maintenance):
-                return "maintenance", "the selected order names maintenance and is written at the maintenance dose"
+        unclear = phase[0] == "induction" and order is not None and order.text_phase == "either"
+        if unclear and order is not None and not self._written_for_induction(drug, order):
+            return "maintenance", "the selected order names maintenance and is not written as induction"
         return phase
+
+    def _written_for_induction(self, drug: Drug, order: OrderFact) -> bool:
+        """For a draft whose words are unclear: its dose as written is the induction regimen, or closer to it than
+        to maintenance — by schedule (twice vs once daily), else by amount. Renal bands apply to both, and a draft
+        not yet renally adjusted keeps its schedule. Nothing to tell them apart: maintenance, as its words say."""
+        induction, maintenance = self.regimen(drug, "induction"), self.regimen(drug, "maintenance")
+        if not isinstance(induction, Regimen) or not isinstance(maintenance, Regimen):
+            return False
+        if fits_regimen(self, order, induction):
+            return True
+        if fits_regimen(self, order, maintenance):
+            return False
+        per_hour = order.dose.per_hour
+        if per_hour is not None:
+            as_induction = math.isclose(per_hour, induction.schedule.doses_per_hour, rel_tol=1e-6)
+            as_maintenance = math.isclose(per_hour, maintenance.schedule.doses_per_hour, rel_tol=1e-6)
+            if as_induction != as_maintenance:
+                return as_induction
+        mg = order.dose.mg
+        if mg is not None and not math.isclose(induction.dose_mg, maintenance.dose_mg):
+            return abs(mg - induction.dose_mg) < abs(mg - maintenance.dose_mg)
+        return False
 
 
 def completed_induction(facts: PatientFacts, drug: Drug) -> tuple[Phase, str | None]:
