@@ -76,11 +76,16 @@ _MUTATION = re.compile(
     r"\b(p\.)?([A-Z]\d{3}[A-Z]|[A-Z][a-z]{2}\d{3}[A-Z][a-z]{2})\b|\b(?i:del|deletion)\s*(of\s+)?(codons?\s+)?\d{3}\b"
 )
 # Identifiers that look like mutations ("Accession S240K", "Sample ID: A123B"): taken out before reading.
-_IDENTIFIER = re.compile(r"\b(accession|sample|specimen|order|lot|ref|id)\b\s*(#|no\.?|number|id)?\s*:?\s*\S+", re.I)
+_IDENTIFIER = re.compile(
+    r"\b(accession|sample|specimen|order|lot|reference|ref)\b\s*(#|no\.?|number|id)?\s*:?\s*[A-Z0-9][\w-]*", re.I
+)
 _GENE = re.compile(r"\bUL\s?\d{2,3}\b", re.IGNORECASE)
+# What the assay looks for, as opposed to what it found: "Mutations screened: …", "this assay detects mutations such
+# as M460V", "the most frequent UL97 mutations are …", "(e.g., M460V)". Not "include" or "tested region", which
+# reports also use for findings ("Mutations identified include UL97 A594V").
 _PANEL = re.compile(
-    r"\b(screened|screens|tested|panel|covered|covers|includ\w*|analy[sz]ed|assessed|interrogated|targets?"
-    r"|limitations?|sensitivity)\b",
+    r"\b(screened|screens|screening|tested for|panel|covers|covered|(this|the) assay|limit of detection|such as|e\.g"
+    r"|for example|most (frequent|common)|commonly|known|targets?)\b",
     re.IGNORECASE,
 )
 # A named variant that is not resistance: "UL97 D605E (polymorphism, not resistance)".
@@ -94,7 +99,13 @@ _GANCICLOVIR_RESISTANT = re.compile(
     re.IGNORECASE,
 )
 _BRACKETED_PANEL = re.compile(rf"\([^()]*{_PANEL.pattern}[^()]*\)|\[[^\[\]]*{_PANEL.pattern}[^\[\]]*\]", re.IGNORECASE)
-_VARIANT_NOT_RESISTANCE = re.compile(rf"\S+\s*\([^()]*{_NOT_RESISTANCE.pattern}[^()]*\)", re.IGNORECASE)
+# A variant named with "(polymorphism)" / "(not associated with resistance)"; not "(ganciclovir resistant; not
+# resistant to foscarnet)", which is drug by drug.
+_VARIANT_NOT_RESISTANCE = re.compile(
+    r"\S+\s*\([^()]*\b(polymorphisms?|natural variants?|benign|not (associated with )?resistance|no resistance)\b"
+    r"[^()]*\)",
+    re.IGNORECASE,
+)
 # A CMV result named as a resistance test (not a glycoprotein/strain genotype, nor a viral load reflexing to one),
 # and a value that speaks of mutations: a genotype report, not a viral load.
 _RESISTANCE_NAME = re.compile(r"\b(resistan\w*|genotyp\w*|mutations?)\b", re.IGNORECASE)
@@ -102,6 +113,8 @@ _NOT_RESISTANCE_NAME = re.compile(
     r"\b(glycoprotein|g[bhno]\d?|strain|reflex\w*|quant\w*|viral load|load|pcr|naa|monitor\w*|consider\w*)\b",
     re.IGNORECASE,
 )
+_OTHER_VIRUS = re.compile(r"\b(hsv|herpes simplex|vzv|varicella|ebv|epstein|hhv-?[1-8]|hiv|hbv|hcv)", re.IGNORECASE)
+_LEAD = re.compile(r"[.;,\n]|\s[-–/]\s")  # the value's lead: "Detected" in "Detected; reflexed to UL97 analysis"
 _GENOTYPE_VALUE = re.compile(r"\b(mutations?|wild[- ]?type|polymorphisms?)\b", re.IGNORECASE)
 
 
@@ -328,7 +341,13 @@ def _value_texts(observation: Mapping[str, Any]) -> list[str]:
 
 
 def _reads_undetectable(observation: Mapping[str, Any]) -> bool:
-    return any(_UNDETECTED.search(text) for text in _value_texts(observation))
+    """Says not detected before it says detected, if at all ("CMV: Detected / BK: NEG" is detected)."""
+    for text in _value_texts(observation):
+        undetected = _UNDETECTED.search(text)
+        detected = _DETECTED.search(text)
+        if undetected is not None and (detected is None or undetected.start() < detected.start()):
+            return True
+    return False
 
 
 def _resistance_test(observation: Mapping[str, Any], sets: ConceptSets) -> bool:
@@ -337,11 +356,13 @@ def _resistance_test(observation: Mapping[str, Any], sets: ConceptSets) -> bool:
     that names the resistance test it reflexes to (docs/policy.md §11)."""
     if "valueQuantity" in observation or not sets.coded.isdisjoint(VIRAL_LOAD_SETS):
         return False  # a viral load (a quantity, or a viral-load LOINC code) is never a genotype report
+    names = concept_texts(observation.get("code"))
+    if any(_OTHER_VIRUS.search(name) for name in names) and "CmvInfection" not in sets.matched:
+        return False  # "HSV-1 UL54 genotype": herpes simplex has a UL54 gene too
     if "CmvResistance" in sets.matched:
         return True
     if "CmvInfection" not in sets.matched:
         return False
-    names = concept_texts(observation.get("code"))
     return any(_RESISTANCE_NAME.search(name) and not _NOT_RESISTANCE_NAME.search(name) for name in names)
 
 
@@ -350,8 +371,8 @@ def _genotype_value(observation: Mapping[str, Any]) -> bool:
     genotype report's, never a viral load's. Interpretations are not read here ("consider resistance testing")."""
     texts = [observation["valueString"]] if isinstance(observation.get("valueString"), str) else []
     texts += concept_texts(observation.get("valueCodeableConcept"))
-    # The result is stated first: "Detected, 5,200 IU/mL. Sent for resistance mutation analysis." is a viral load.
-    return any(_GENOTYPE_VALUE.search(_SENTENCES.split(text, maxsplit=1)[0]) for text in texts)
+    # The result is stated first: "Detected, 5,200 IU/mL; sent for resistance mutation analysis" is a viral load.
+    return any(_GENOTYPE_VALUE.search(_LEAD.split(text, maxsplit=1)[0]) for text in texts)
 
 
 def _resistance_reported(observation: Mapping[str, Any]) -> bool:
@@ -390,7 +411,13 @@ def _sentence_reports_resistance(sentence: str) -> bool:
 
 
 def _reads_detected(observation: Mapping[str, Any]) -> bool:
-    return any(_DETECTED.search(t) and not _UNDETECTED.search(t) for t in _value_texts(observation))
+    """Says detected before it says not detected, if at all."""
+    for text in _value_texts(observation):
+        detected = _DETECTED.search(text)
+        undetected = _UNDETECTED.search(text)
+        if detected is not None and (undetected is None or detected.start() < undetected.start()):
+            return True
+    return False
 
 
 def _code_label(concept: Any, set_name: str) -> str:

@@ -190,73 +190,36 @@ _TIMING_CODES: dict[str, float] = {  # doses per hour for common HL7 v3 GTSAbbre
     "Q24H": 1 / 24,
 }
 _PERIOD_HOURS = {"h": 1.0, "d": 24.0, "wk": 168.0, "min": 1 / 60, "s": 1 / 3600, "mo": 720.0}
-# "Maintenance IV fluids" / "maintenance hydration" are not a regimen.
-_MAINTENANCE = re.compile(r"\bmaint(enance|\.)?(?!\w)(?!\s+(iv\s+)?(fluids?|hydration|rate)\b)", re.IGNORECASE)
+# "Maintenance IV fluids" / "maintenance hydration" are not a regimen; "secondary prophylaxis" is maintenance.
+_MAINTENANCE = re.compile(
+    r"\b(maint(enance|\.)?(?!\w)(?!\s+(iv\s+)?(fluids?|hydration|rate)\b)|secondary prophylaxis)", re.IGNORECASE
+)
 _NOT_MAINTENANCE = re.compile(
     r"\b(not|no|non)[\s-]+(a\s+)?maint(enance|\.)?(?!\w)"
     r"|\bnot\s+(yet\s+)?(start|begin)\w*\s+maint"
     r"|\bmaint(enance|\.)?\s+(not\s+yet|when|once\s+(?!daily|a\s+day|weekly|per\b))",
     re.IGNORECASE,
 )
-# Induction named before maintenance means the order begins with induction ("Induction: 900 mg twice daily x 21
-# days; maintenance 900 mg daily afterwards"), unless it is induction already done ("completed induction",
-# "after induction", "post-induction", "induction complete").
-_INDUCTION = re.compile(r"\b(re-?)?induct\w*", re.IGNORECASE)
-_INDUCTION_DONE_BEFORE = re.compile(
-    r"\b(completed?|completion of|after|post|finished|end of|s/p)[\s-]+$", re.IGNORECASE
-)
-_INDUCTION_DONE_AFTER = re.compile(
-    r"^\s*(therapy\s+|course\s+|phase\s+)?(is\s+|was\s+|has been\s+)?(complete|completed|done|finished|ended)\b"
-    r"(?!\s*\?)",
-    re.IGNORECASE,
-)
-# A sequence word in the same sentence before "maintenance" ("900 mg twice daily for 21 days, then 900 mg daily
-# maintenance", "f/b maintenance", "→ maintenance"), "before/prior to (starting) maintenance", or maintenance "to
-# follow" / "afterwards": maintenance comes later.
-_SEQUENCE_BEFORE = re.compile(
-    r"\b(then|followed by|f/b|thereafter|after which|subsequently|next|later)\b|→|->", re.IGNORECASE
-)
-_BEFORE_MAINTENANCE = re.compile(r"\b(before|prior to)\s+(starting\s+|beginning\s+|the\s+)?$", re.IGNORECASE)
-_MAINTENANCE_LATER = re.compile(
-    r"^[^.;\n]{0,40}?\b(to follow|afterwards?|thereafter|later|next week|start\w* (after|next)\b)",
-    re.IGNORECASE,
-)
-_SENTENCE_END = re.compile(r"[.;\n]")
-# Words that may describe a sequence or a time in a text that also names maintenance ("x21d", "days 22+", "until",
-# "start"): the text alone cannot say which phase the order is, and the dose as written decides (TextPhase "either").
+# Words of another phase, of sequence or of time beside "maintenance" ("Induction: 900 mg BID x21d; maintenance
+# afterwards", "maintenance after completed induction", "Days 22+: maintenance", "f/b", "→"): the words alone
+# cannot say which phase the order is, and the order as written decides (TextPhase "either").
 _SEQUENCE_CUES = re.compile(
-    r"\b((re-?)?induct\w*|then|f/b|next|later|subsequent\w*|until|after|start\w*|begin\w*|days?\s*\d+|weeks?"
-    r"|x\s*\d+\s*d\w*)(?!\w)|→|->",
+    r"\b((re-?)?induct\w*|then|f/b|followed|next|later|subsequent\w*|after\w*|before|prior|upon|start\w*"
+    r"|begin\w*|follow\w*|days?\s*\d+|weeks?|x\s*\d+\s*d\w*|post|end of|complet\w*)(?!\w)|→|->",
     re.IGNORECASE,
 )
 
-# What the draft's own words say about its phase: maintenance; induction first (or not maintenance); "either" (it
-# names maintenance beside words of sequence or time); None when it does not name maintenance.
+# What the draft's own words say about its phase: maintenance (named, with nothing of another phase, sequence or
+# time); induction (named as not maintenance, or not yet); "either" (maintenance beside such words); None when
+# maintenance is not named (docs/policy.md §1).
 TextPhase = Literal["maintenance", "induction", "either"]
 
 
 def _text_phase(text: str) -> TextPhase | None:
-    first = _MAINTENANCE.search(text)
-    if first is None:
+    if _MAINTENANCE.search(text) is None:
         return None
     if _NOT_MAINTENANCE.search(text):
         return "induction"
-    head = text[: first.start()]
-    induction_done = False
-    for induction in _INDUCTION.finditer(text):
-        if _INDUCTION_DONE_BEFORE.search(text[: induction.start()]) or _INDUCTION_DONE_AFTER.match(
-            text[induction.end() :]
-        ):
-            induction_done = True
-        elif induction.start() < first.start():
-            return "induction"
-    sentence = _SENTENCE_END.split(head)[-1]
-    if _SEQUENCE_BEFORE.search(sentence) or _BEFORE_MAINTENANCE.search(sentence):
-        return "induction"
-    if _MAINTENANCE_LATER.match(text[first.end() :]):
-        return "induction"
-    if induction_done:
-        return "maintenance"
     return "either" if _SEQUENCE_CUES.search(text) else "maintenance"
 
 
@@ -300,9 +263,8 @@ def read_draft_dose(order: Mapping[str, Any], weight_kg: float | None) -> DraftD
 
 
 def text_phase(order: Mapping[str, Any]) -> TextPhase | None:
-    """What the draft's dosage text, notes and course of therapy say about its phase (``TextPhase``; docs/policy.md
-    §1): induction first if any text says so, else "either" if any text is unclear, else maintenance if any names
-    it, else None."""
+    """What the draft's dosage text, notes and course of therapy, read together, say about its phase (``TextPhase``;
+    docs/policy.md §1)."""
     texts: list[str] = []
     for key in ("dosageInstruction", "note"):
         items = order.get(key)
@@ -310,8 +272,9 @@ def text_phase(order: Mapping[str, Any]) -> TextPhase | None:
             if isinstance(item, dict) and isinstance(item.get("text"), str):
                 texts.append(item["text"])
     texts += concept_texts(order.get("courseOfTherapyType"))
-    readings = {_text_phase(text) for text in texts}
-    return next((phase for phase in ("induction", "either", "maintenance") if phase in readings), None)
+    return _text_phase(
+        ". ".join(texts)
+    )  # one reading of all of them: "Induction: …" in the dosage, maintenance in a note
 
 
 _DRUGS: tuple[tuple[str, Drug], ...] = (

@@ -97,7 +97,16 @@ class Context:
         phase = self._phases[drug]
         unclear = phase[0] == "induction" and order is not None and order.text_phase == "either"
         if unclear and order is not None and not self._written_for_induction(drug, order):
-            return "maintenance", "the selected order names maintenance and is not written as induction"
+            induction = self.regimen(drug, "induction")
+            alternative = (
+                f"; if induction is not complete, induction is {regimen_text(induction)}"
+                if isinstance(induction, Regimen)
+                else ""
+            )
+            return "maintenance", (
+                "the selected order names maintenance among other words of sequence or time and is not written as "
+                f"induction{alternative}"
+            )
         return phase
 
     def _written_for_induction(self, drug: Drug, order: OrderFact) -> bool:
