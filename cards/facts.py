@@ -81,13 +81,18 @@ _IDENTIFIER = re.compile(
 )
 _GENE = re.compile(r"\bUL\s?\d{2,3}\b", re.IGNORECASE)
 # What the assay looks for, as opposed to what it found: "Mutations screened: …", "this assay detects mutations such
-# as M460V", "the most frequent UL97 mutations are …", "(e.g., M460V)". Not "include" or "tested region", which
-# reports also use for findings ("Mutations identified include UL97 A594V").
+# as M460V", "the most frequent UL97 mutations are …", "(e.g., M460V)". In such a part nothing is a finding, and
+# to the end of the sentence a bare mutation is not one either. Not "include" or "tested region", which reports
+# also use for findings ("Mutations identified include UL97 A594V").
 _PANEL = re.compile(
-    r"\b(screened|screens|screening|tested for|panel|covers|covered|(this|the) assay|limit of detection|such as|e\.g"
-    r"|for example|most (frequent|common)|commonly|known|targets?)\b",
+    r"\b(screened|screens|screening|tested for|(this|the) assay|limit of detection|such as|e\.g|for example"
+    r"|(most (frequent|common)|commonly \w+|known)\b[^.;]*\b(are|include\w*))\b",
     re.IGNORECASE,
 )
+# Words that may introduce a list of targets ("Mutation panel: M460V, H520Q"), or a finding ("Panel result: UL97
+# A594V detected", "Known resistance mutation detected: UL97 L595S"): bare mutations after them are not findings,
+# but "detected" is.
+_PANEL_WEAK = re.compile(r"\b(panel|covers|covered|targets?|known|commonly|most (frequent|common))\b", re.IGNORECASE)
 # A named variant that is not resistance: "UL97 D605E (polymorphism, not resistance)".
 _NOT_RESISTANCE = re.compile(
     r"\b(polymorphisms?|natural variants?|benign|not\b[^.;,]{0,30}\bresistan\w*|no resistance)\b", re.IGNORECASE
@@ -113,8 +118,12 @@ _NOT_RESISTANCE_NAME = re.compile(
     r"\b(glycoprotein|g[bhno]\d?|strain|reflex\w*|quant\w*|viral load|load|pcr|naa|monitor\w*|consider\w*)\b",
     re.IGNORECASE,
 )
+_VIRAL_LOAD_NAME = re.compile(r"\b(reflex\w*|quant\w*|viral load)\b", re.IGNORECASE)
 _OTHER_VIRUS = re.compile(r"\b(hsv|herpes simplex|vzv|varicella|ebv|epstein|hhv-?[1-8]|hiv|hbv|hcv)", re.IGNORECASE)
-_LEAD = re.compile(r"[.;,\n]|\s[-–/]\s")  # the value's lead: "Detected" in "Detected; reflexed to UL97 analysis"
+# The value's lead: "Detected" in "Detected; reflexed to UL97 analysis" (not split inside 5,000 or 2.5).
+_LEAD = re.compile(r"\.(?!\d)|[;\n]|,(?!\d{3}\b)|\s[-–/]\s")
+# An amount in the result's own words ("CMV: 5,000 IU/mL; EBV: NEG"): detected, unless given as a bound (< 137).
+_DETECTED_AMOUNT = re.compile(r"(?<![<≤\d,.])(?<![<≤]\s)\b\d[\d,.]*\s*(iu|copies|cp)\s*/\s*ml\b", re.IGNORECASE)
 _GENOTYPE_VALUE = re.compile(r"\b(mutations?|wild[- ]?type|polymorphisms?)\b", re.IGNORECASE)
 
 
@@ -340,9 +349,16 @@ def _value_texts(observation: Mapping[str, Any]) -> list[str]:
     return texts
 
 
+def _lead(text: str) -> str:
+    """A result's own statement, before a full stop, comma, semicolon or dash: "Detected" in "Detected; reflexed to
+    UL97 analysis", "1,200 IU/mL" in "1,200 IU/mL. Reference range: NEG", "CMV: Detected" in "CMV: Detected / BK:
+    NEG" (docs/policy.md §11)."""
+    return _LEAD.split(text, maxsplit=1)[0]
+
+
 def _reads_undetectable(observation: Mapping[str, Any]) -> bool:
-    """Says not detected before it says detected, if at all ("CMV: Detected / BK: NEG" is detected)."""
-    for text in _value_texts(observation):
+    """Its lead says not detected, before any detected."""
+    for text in map(_lead, _value_texts(observation)):
         undetected = _UNDETECTED.search(text)
         detected = _DETECTED.search(text)
         if undetected is not None and (detected is None or undetected.start() < detected.start()):
@@ -357,6 +373,8 @@ def _resistance_test(observation: Mapping[str, Any], sets: ConceptSets) -> bool:
     if "valueQuantity" in observation or not sets.coded.isdisjoint(VIRAL_LOAD_SETS):
         return False  # a viral load (a quantity, or a viral-load LOINC code) is never a genotype report
     names = concept_texts(observation.get("code"))
+    if any(_VIRAL_LOAD_NAME.search(name) for name in names):
+        return False  # "CMV DNA, quantitative, reflex to UL97 genotype": the viral load, not the genotype
     if any(_OTHER_VIRUS.search(name) for name in names) and "CmvInfection" not in sets.matched:
         return False  # "HSV-1 UL54 genotype": herpes simplex has a UL54 gene too
     if "CmvResistance" in sets.matched:
@@ -372,7 +390,7 @@ def _genotype_value(observation: Mapping[str, Any]) -> bool:
     texts = [observation["valueString"]] if isinstance(observation.get("valueString"), str) else []
     texts += concept_texts(observation.get("valueCodeableConcept"))
     # The result is stated first: "Detected, 5,200 IU/mL; sent for resistance mutation analysis" is a viral load.
-    return any(_GENOTYPE_VALUE.search(_LEAD.split(text, maxsplit=1)[0]) for text in texts)
+    return any(_GENOTYPE_VALUE.search(_lead(text)) for text in texts)
 
 
 def _resistance_reported(observation: Mapping[str, Any]) -> bool:
@@ -397,7 +415,7 @@ def _sentence_reports_resistance(sentence: str) -> bool:
             none_found = True
             continue
         lists_targets = _PANEL.search(part) is not None
-        panel = panel or lists_targets
+        panel = panel or lists_targets or _PANEL_WEAK.search(part) is not None
         if _GENE.search(part):
             none_found = False
         if _UNDETECTED.search(part):
@@ -411,9 +429,9 @@ def _sentence_reports_resistance(sentence: str) -> bool:
 
 
 def _reads_detected(observation: Mapping[str, Any]) -> bool:
-    """Says detected before it says not detected, if at all."""
-    for text in _value_texts(observation):
-        detected = _DETECTED.search(text)
+    """Its lead says detected, or gives an amount, before any not detected."""
+    for text in map(_lead, _value_texts(observation)):
+        detected = _DETECTED.search(text) or _DETECTED_AMOUNT.search(text)
         undetected = _UNDETECTED.search(text)
         if detected is not None and (undetected is None or detected.start() < undetected.start()):
             return True
@@ -715,7 +733,9 @@ def _viral_load_kind_by_unit(observation: Mapping[str, Any]) -> str:
 def _viral_load(observation: Mapping[str, Any], kind: str, when: dt.date) -> ViralLoad | None:
     source = reference_of(observation)
     quantity = observation.get("valueQuantity")
-    undetectable = _reads_undetectable(observation)
+    # A quantity outranks words: 5,000 IU/mL with an interpretation "EBV: NEG" is not undetectable.
+    quantified = isinstance(quantity, dict) and isinstance(quantity.get("value"), int | float)
+    undetectable = not quantified and _reads_undetectable(observation)
     iu = copies = None
     if isinstance(quantity, dict) and not undetectable:
         comparator = quantity.get("comparator")
@@ -736,7 +756,7 @@ def _viral_load(observation: Mapping[str, Any], kind: str, when: dt.date) -> Vir
     if iu is not None and iu <= 0:
         iu, undetectable = None, True
     if iu is None and copies is None and not undetectable:
-        if kind == "CmvDnaQualitative" and _reads_detected(observation):
+        if _reads_detected(observation):  # "Detected", or an amount written as text under a quantitative code
             return ViralLoad(date=when, source=source, iu_per_ml=None, undetectable=False)
         return None
     return ViralLoad(date=when, source=source, iu_per_ml=iu, undetectable=undetectable, copies_per_ml=copies)

@@ -1059,3 +1059,76 @@ def test_a_detected_named_viral_load_that_mentions_genotyping_or_another_virus_i
     result = observation("", None, "", TODAY, days_ago=0, code={"text": "CMV DNA PCR, plasma"}, valueString=value)
     resources = [*base(), completed_induction(), undetectable_viral_load(days_ago=3), result]
     assert doses(by_rule(run([maintenance_draft()], resources, TODAY), "dose-adjust")) == [(900, 2, 1, "d")]
+
+
+# --- second net review -------------------------------------------------------------------------------------------
+
+
+def with_creatinine(value: float) -> list[dict[str, Any]]:
+    return [*without_code(base(), "2160-0"), observation("2160-0", value, "mg/dL", TODAY)]
+
+
+@pytest.mark.parametrize(
+    ("selected", "creatinine", "expected"),
+    [
+        (("foscarnet", "1734377", 4800, 8, "Induction 60 mg/kg q8h x 14 days, then maintenance 90 mg/kg daily"), 1.0,
+         (5600, 1, 12, "h")),
+        (("foscarnet", "1734377", 4800, 8, "Induction 60 mg/kg q8h x 14 days, then maintenance 90 mg/kg daily"), 2.5,
+         (4000, 1, 24, "h")),
+        (("valganciclovir", "313566", 900, 12, "900 mg BID x21d, then maintenance daily"), 2.5, (450, 1, 1, "d")),
+        (("valganciclovir", "313566", 900, 12, "900 mg BID x21d, then maintenance daily"), 4.0, (450, 1, 2, "d")),
+    ],
+)  # fmt: skip
+def test_an_induction_order_not_yet_renally_adjusted_is_adjusted_as_induction(
+    selected: tuple[str, str, float, int, str], creatinine: float, expected: tuple[float, int, int, str]
+) -> None:
+    """Unclear words, an order written at the full induction schedule: the renal band's induction regimen is
+    proposed, not its maintenance (label renal tables; docs/policy.md §1)."""
+    drug, rxnorm, mg, hours, text = selected
+    route = "oral" if drug == "valganciclovir" else "IV"
+    order = draft(drug, rxnorm, dose_mg=mg, route=route, frequency=1, period=hours, period_unit="h", text=text)
+    assert doses(by_rule(run([order], with_creatinine(creatinine), TODAY), "dose-adjust")) == [expected]
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        "Known resistance mutation detected: UL97 L595S",
+        "Most common UL97 resistance mutation M460V detected",
+        "UL97 target region: A594V detected",
+        "Panel result: UL97 A594V detected",
+        "UL97 resistance panel: M460V DETECTED",
+    ],
+)
+def test_a_finding_worded_with_panel_words_is_resistance(report: str) -> None:
+    genotype = observation("", None, "", TODAY, valueString=report, code={"text": "CMV UL97/UL54 genotype"})
+    assert "resistance" in rules_of(run([gcv_draft()], [*base(), genotype], TODAY))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"valueString": "CMV: 5,000 IU/mL; EBV: NEG", "code": {"text": "CMV DNA PCR, plasma"}},
+        {"valueString": "CMV 800 IU/mL, HHV6 <LLOQ", "code": {"text": "CMV DNA PCR, plasma"}},
+        {"valueQuantity": {"value": 5000, "unit": "IU/mL", "system": "http://unitsofmeasure.org", "code": "[IU]/mL"},
+         "interpretation": [{"text": "Reference range: NEG"}]},
+    ],
+)  # fmt: skip
+def test_a_viral_load_is_not_undetectable_because_of_another_virus_or_a_reference_range(extra: dict[str, Any]) -> None:
+    result = observation("72493-0", None, "", TODAY, days_ago=0, **extra)
+    resources = [*base(), completed_induction(), undetectable_viral_load(days_ago=3), result]
+    assert doses(by_rule(run([maintenance_draft()], resources, TODAY), "dose-adjust")) == [(900, 2, 1, "d")]
+
+
+def test_a_quantitative_viral_load_reflexing_to_genotyping_is_not_a_resistance_report() -> None:
+    result = observation(
+        "", None, "", TODAY, days_ago=0, valueString="Detected",
+        code={"text": "CMV DNA, quantitative, reflex to UL97 genotype"},
+    )  # fmt: skip
+    assert "resistance" not in rules_of(run([gcv_draft()], [*base(), result], TODAY))
+
+
+def test_an_amount_written_as_text_under_a_viral_load_code_is_detected() -> None:
+    result = observation("72493-0", None, "", TODAY, days_ago=0, valueString="CMV: 5,000 IU/mL; EBV: NEG")
+    resources = [*base(), completed_induction(), undetectable_viral_load(days_ago=3), result]
+    assert doses(by_rule(run([maintenance_draft()], resources, TODAY), "dose-adjust")) == [(900, 2, 1, "d")]

@@ -110,26 +110,33 @@ class Context:
         return phase
 
     def _written_for_induction(self, drug: Drug, order: OrderFact) -> bool:
-        """For a draft whose words are unclear: its dose as written is the induction regimen, or closer to it than
-        to maintenance — by schedule (twice vs once daily), else by amount. Renal bands apply to both, and a draft
-        not yet renally adjusted keeps its schedule. Nothing to tell them apart: maintenance, as its words say."""
-        induction, maintenance = self.regimen(drug, "induction"), self.regimen(drug, "maintenance")
-        if not isinstance(induction, Regimen) or not isinstance(maintenance, Regimen):
+        """For a draft whose words are unclear: the order as written is nearer an induction regimen (either foscarnet
+        column) than the maintenance one — by schedule and amount, each compared as a ratio, renal bands applied to
+        all. Maintenance is never above induction in the label tables, so an order written at or above induction,
+        renally adjusted or not, stays induction. Nothing to compare: maintenance, as its words say."""
+        maintenance = self.regimen(drug, "maintenance")
+        inductions = [self.regimen(drug, "induction")]
+        if drug == "foscarnet":
+            inductions.append(self.regimen(drug, "induction", dosing.FOSCARNET_ALTERNATIVE_COLUMN["induction"]))
+        candidates = [r for r in inductions if isinstance(r, Regimen)]
+        if not candidates or not isinstance(maintenance, Regimen):
             return False
-        if fits_regimen(self, order, induction):
+        if any(fits_regimen(self, order, r) for r in candidates):
             return True
         if fits_regimen(self, order, maintenance):
             return False
-        per_hour = order.dose.per_hour
-        if per_hour is not None:
-            as_induction = math.isclose(per_hour, induction.schedule.doses_per_hour, rel_tol=1e-6)
-            as_maintenance = math.isclose(per_hour, maintenance.schedule.doses_per_hour, rel_tol=1e-6)
-            if as_induction != as_maintenance:
-                return as_induction
-        mg = order.dose.mg
-        if mg is not None and not math.isclose(induction.dose_mg, maintenance.dose_mg):
-            return abs(mg - induction.dose_mg) < abs(mg - maintenance.dose_mg)
-        return False
+
+        def distance(regimen: Regimen) -> float:
+            total = 0.0
+            if order.dose.per_hour is not None and order.dose.per_hour > 0:
+                total += abs(math.log(order.dose.per_hour / regimen.schedule.doses_per_hour))
+            if order.dose.mg is not None and order.dose.mg > 0:
+                total += abs(math.log(order.dose.mg / regimen.dose_mg))
+            return total
+
+        if order.dose.per_hour is None and order.dose.mg is None:
+            return False
+        return min(distance(r) for r in candidates) < distance(maintenance)
 
 
 def completed_induction(facts: PatientFacts, drug: Drug) -> tuple[Phase, str | None]:
