@@ -89,10 +89,9 @@ _PANEL = re.compile(
     r"|(most (frequent|common)|commonly \w+|known)\b[^.;]*\b(are|include\w*))\b",
     re.IGNORECASE,
 )
-# Words that may introduce a list of targets ("Mutation panel: M460V, H520Q"), or a finding ("Panel result: UL97
-# A594V detected", "Known resistance mutation detected: UL97 L595S"): bare mutations after them are not findings,
-# but "detected" is.
-_PANEL_WEAK = re.compile(r"\b(panel|covers|covered|targets?|known|commonly|most (frequent|common))\b", re.IGNORECASE)
+# "panel", "known", "target" alone are not: reports use them for findings ("UL97 panel result: A594V", "Known
+# resistance mutation: UL97 L595S"), and a missed resistance is the worse error.
+_FOUND = re.compile(r"(?<!not )\b(identified|found)\b", re.IGNORECASE)
 # A named variant that is not resistance: "UL97 D605E (polymorphism, not resistance)".
 _NOT_RESISTANCE = re.compile(
     r"\b(polymorphisms?|natural variants?|benign|not\b[^.;,]{0,30}\bresistan\w*|no resistance)\b", re.IGNORECASE
@@ -122,6 +121,12 @@ _VIRAL_LOAD_NAME = re.compile(r"\b(reflex\w*|quant\w*|viral load)\b", re.IGNOREC
 _OTHER_VIRUS = re.compile(r"\b(hsv|herpes simplex|vzv|varicella|ebv|epstein|hhv-?[1-8]|hiv|hbv|hcv)", re.IGNORECASE)
 # The value's lead: "Detected" in "Detected; reflexed to UL97 analysis" (not split inside 5,000 or 2.5).
 _LEAD = re.compile(r"\.(?!\d)|[;\n]|,(?!\d{3}\b)|\s[-–/]\s")
+# The assay's limits stated beside the result ("LOD 35 IU/mL; not detected", "LLOQ 137 IU/mL", "cutoff 5 IU/mL").
+_ASSAY_LIMIT = re.compile(
+    r"\b(lod|lloq|loq|limit of (detection|quantification|quantitation)|detection limit|cut-?off|reference range"
+    r"|reportable range|linear range)\b[^;,\n]*?\d[\d,.]*\s*(iu|copies|cp)\s*/\s*ml",
+    re.IGNORECASE,
+)
 # An amount in the result's own words ("CMV: 5,000 IU/mL; EBV: NEG"): detected, unless given as a bound (< 137).
 _DETECTED_AMOUNT = re.compile(r"(?<![<≤\d,.])(?<![<≤]\s)\b\d[\d,.]*\s*(iu|copies|cp)\s*/\s*ml\b", re.IGNORECASE)
 _GENOTYPE_VALUE = re.compile(r"\b(mutations?|wild[- ]?type|polymorphisms?)\b", re.IGNORECASE)
@@ -350,10 +355,15 @@ def _value_texts(observation: Mapping[str, Any]) -> list[str]:
 
 
 def _lead(text: str) -> str:
-    """A result's own statement, before a full stop, comma, semicolon or dash: "Detected" in "Detected; reflexed to
+    """A result's own statement: the first segment (split at a full stop, comma, semicolon or dash) that says
+    detected or not, or gives an amount, once the assay's limits are set aside. "Detected" in "Detected; reflexed to
     UL97 analysis", "1,200 IU/mL" in "1,200 IU/mL. Reference range: NEG", "CMV: Detected" in "CMV: Detected / BK:
-    NEG" (docs/policy.md §11)."""
-    return _LEAD.split(text, maxsplit=1)[0]
+    NEG", "Not detected" in "Assay LOD: 34.5 IU/mL. Result: Not detected" (docs/policy.md §11)."""
+    segments = _LEAD.split(_ASSAY_LIMIT.sub(" ", text))
+    for segment in segments:
+        if _DETECTED.search(segment) or _UNDETECTED.search(segment) or _DETECTED_AMOUNT.search(segment):
+            return segment
+    return segments[0]
 
 
 def _reads_undetectable(observation: Mapping[str, Any]) -> bool:
@@ -415,23 +425,24 @@ def _sentence_reports_resistance(sentence: str) -> bool:
             none_found = True
             continue
         lists_targets = _PANEL.search(part) is not None
-        panel = panel or lists_targets or _PANEL_WEAK.search(part) is not None
+        panel = panel or lists_targets
         if _GENE.search(part):
             none_found = False
         if _UNDETECTED.search(part):
             none_found = True
             continue
-        if (_DETECTED.search(part) or _GANCICLOVIR_RESISTANT.search(part)) and not lists_targets:
+        finding = _DETECTED.search(part) or _FOUND.search(part) or _GANCICLOVIR_RESISTANT.search(part)
+        if finding and not lists_targets:
             return True
         if _MUTATION.search(part) and not panel and not none_found:
             return True
     return False
 
 
-def _reads_detected(observation: Mapping[str, Any]) -> bool:
-    """Its lead says detected, or gives an amount, before any not detected."""
+def _reads_detected(observation: Mapping[str, Any], *, amounts: bool = False) -> bool:
+    """Its lead says detected (or, with ``amounts``, gives a viral-load amount), before any not detected."""
     for text in map(_lead, _value_texts(observation)):
-        detected = _DETECTED.search(text) or _DETECTED_AMOUNT.search(text)
+        detected = _DETECTED.search(text) or (_DETECTED_AMOUNT.search(text) if amounts else None)
         undetected = _UNDETECTED.search(text)
         if detected is not None and (undetected is None or detected.start() < undetected.start()):
             return True
@@ -756,7 +767,7 @@ def _viral_load(observation: Mapping[str, Any], kind: str, when: dt.date) -> Vir
     if iu is not None and iu <= 0:
         iu, undetectable = None, True
     if iu is None and copies is None and not undetectable:
-        if _reads_detected(observation):  # "Detected", or an amount written as text under a quantitative code
+        if _reads_detected(observation, amounts=True):  # "Detected", or an amount written as text
             return ViralLoad(date=when, source=source, iu_per_ml=None, undetectable=False)
         return None
     return ViralLoad(date=when, source=source, iu_per_ml=iu, undetectable=undetectable, copies_per_ml=copies)

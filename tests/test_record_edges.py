@@ -1132,3 +1132,50 @@ def test_an_amount_written_as_text_under_a_viral_load_code_is_detected() -> None
     result = observation("72493-0", None, "", TODAY, days_ago=0, valueString="CMV: 5,000 IU/mL; EBV: NEG")
     resources = [*base(), completed_induction(), undetectable_viral_load(days_ago=3), result]
     assert doses(by_rule(run([maintenance_draft()], resources, TODAY), "dose-adjust")) == [(900, 2, 1, "d")]
+
+
+# --- third net review --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("report", "suspected"),
+    [
+        ("Known resistance mutation UL97 C603W identified", True),
+        ("Known ganciclovir resistance mutation: UL97 L595S", True),
+        ("UL97 panel result: A594V", True),
+        ("Mutation panel result - UL97 H520Q", True),
+        ("Known resistance mutation found: UL54 A987G", True),
+        ("No mutations present", False),
+        ("No resistance mutations identified", False),
+    ],
+)
+def test_panel_and_known_wording_does_not_hide_a_finding(report: str, suspected: bool) -> None:
+    genotype = observation("", None, "", TODAY, valueString=report, code={"text": "CMV UL97/UL54 genotype"})
+    assert ("resistance" in rules_of(run([gcv_draft()], [*base(), genotype], TODAY))) is suspected
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["LOD 35 IU/mL; not detected", "LLOQ 137 IU/mL, not detected", "Assay LOD: 34.5 IU/mL. Result: Not detected"],
+)
+def test_an_assay_limit_beside_a_not_detected_result_is_not_an_amount(value: str) -> None:
+    """Completed induction, today's result not detected: the maintenance draft is confirmed."""
+    result = observation("", None, "", TODAY, days_ago=0, code={"text": "CMV DNA PCR, plasma"}, valueString=value)
+    assert "dose-adjust" not in rules_of(run([maintenance_draft()], [*base(), completed_induction(), result], TODAY))
+
+
+@pytest.mark.parametrize("value", ["0 IU/mL", "hCG 3 IU/mL, negative", "Less than 5 IU/mL"])
+def test_an_hcg_amount_is_not_a_positive_test(value: str) -> None:
+    hcg = observation("2106-3", None, "", TODAY, valueString=value)
+    assert "pregnancy" not in rules_of(run([gcv_draft()], [*base(sex="female"), hcg], TODAY))
+
+
+@pytest.mark.parametrize(("creatinine", "expected"), [(2.5, (200, 1, 24, "h")), (4.0, (100, 1, 24, "h"))])
+def test_a_twice_daily_ganciclovir_order_without_a_dose_stays_induction_in_the_lower_bands(
+    creatinine: float, expected: tuple[float, int, int, str]
+) -> None:
+    """Ganciclovir IV twice daily, no dose, unclear words: at SCr 2.5 and 4.0 both regimens are once daily (label
+    Table 1), a tie that goes to induction: 2.5 and 1.25 mg/kg, not the maintenance 1.25 and 0.625 mg/kg."""
+    order = draft("ganciclovir", "310442", route="IV", frequency=2, period=1, period_unit="d",
+                  text="Induction: BID x21d; maintenance afterwards")  # fmt: skip
+    assert doses(by_rule(run([order], with_creatinine(creatinine), TODAY), "dose-adjust")) == [expected]

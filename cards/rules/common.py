@@ -112,8 +112,9 @@ class Context:
     def _written_for_induction(self, drug: Drug, order: OrderFact) -> bool:
         """For a draft whose words are unclear: the order as written is nearer an induction regimen (either foscarnet
         column) than the maintenance one — by schedule and amount, each compared as a ratio, renal bands applied to
-        all. Maintenance is never above induction in the label tables, so an order written at or above induction,
-        renally adjusted or not, stays induction. Nothing to compare: maintenance, as its words say."""
+        all, a tie going to induction. Maintenance is never above induction in the label tables, so an order written
+        at or above induction, renally adjusted or not, stays induction. Nothing to compare: maintenance, as its
+        words say."""
         maintenance = self.regimen(drug, "maintenance")
         inductions = [self.regimen(drug, "induction")]
         if drug == "foscarnet":
@@ -136,7 +137,8 @@ class Context:
 
         if order.dose.per_hour is None and order.dose.mg is None:
             return False
-        return min(distance(r) for r in candidates) < distance(maintenance)
+        # A tie (renal bands where both regimens share a schedule or an amount) is induction, the default (§1).
+        return min(distance(r) for r in candidates) <= distance(maintenance)
 
 
 def completed_induction(facts: PatientFacts, drug: Drug) -> tuple[Phase, str | None]:
