@@ -91,6 +91,8 @@ _PANEL = re.compile(
 )
 # "panel", "known", "target" alone are not: reports use them for findings ("UL97 panel result: A594V", "Known
 # resistance mutation: UL97 L595S"), and a missed resistance is the worse error.
+_NONE = re.compile(r"\b(none|nothing|no evidence)\b", re.IGNORECASE)
+_MUTATION_WORD = re.compile(r"\b(mutations?|variants?|substitutions?)\b", re.IGNORECASE)
 _FOUND = re.compile(r"(?<!not )\b(identified|found)\b", re.IGNORECASE)
 # A named variant that is not resistance: "UL97 D605E (polymorphism, not resistance)".
 _NOT_RESISTANCE = re.compile(
@@ -354,14 +356,14 @@ def _value_texts(observation: Mapping[str, Any]) -> list[str]:
     return texts
 
 
-def _lead(text: str) -> str:
+def _lead(text: str, *, amounts: bool = True) -> str:
     """A result's own statement: the first segment (split at a full stop, comma, semicolon or dash) that says
     detected or not, or gives an amount, once the assay's limits are set aside. "Detected" in "Detected; reflexed to
     UL97 analysis", "1,200 IU/mL" in "1,200 IU/mL. Reference range: NEG", "CMV: Detected" in "CMV: Detected / BK:
     NEG", "Not detected" in "Assay LOD: 34.5 IU/mL. Result: Not detected" (docs/policy.md §11)."""
     segments = _LEAD.split(_ASSAY_LIMIT.sub(" ", text))
     for segment in segments:
-        if _DETECTED.search(segment) or _UNDETECTED.search(segment) or _DETECTED_AMOUNT.search(segment):
+        if _DETECTED.search(segment) or _UNDETECTED.search(segment) or (amounts and _DETECTED_AMOUNT.search(segment)):
             return segment
     return segments[0]
 
@@ -404,44 +406,49 @@ def _genotype_value(observation: Mapping[str, Any]) -> bool:
 
 
 def _resistance_reported(observation: Mapping[str, Any]) -> bool:
-    """The report names a mutation as found, or says detected/positive, outside what it says was not found and
-    outside a list of what the assay screens for. "No resistance mutations detected. Mutations screened: UL97
-    M460V, H520Q; UL54 A987G." is not one; "UL97 M460V detected, UL54 NEG" and "UL54: wild type; UL97 M460V" are."""
-    return any(
-        _sentence_reports_resistance(sentence)
-        for text in _value_texts(observation)
-        for sentence in _SENTENCES.split(text)
-    )
+    """Whether a genotype report reports ganciclovir resistance (docs/policy.md §11), each value text on its own."""
+    return any(report_reads_resistance(text) for text in _value_texts(observation))
 
 
-def _sentence_reports_resistance(sentence: str) -> bool:
-    sentence = _IDENTIFIER.sub(" ", sentence)
-    sentence = _BRACKETED_PANEL.sub(" ", sentence)  # "(UL97 M460V, A594V screened)": the assay's targets
-    sentence = _VARIANT_NOT_RESISTANCE.sub(" ", sentence)  # "D605E (polymorphism, not resistance)"
-    panel = False  # a listing of the assay's targets: to the end of the sentence
-    none_found = False  # "not detected" / "wild type": until a gene label starts another finding
-    for part in filter(None, _PARTS.split(sentence)):
-        if _NOT_RESISTANCE.search(part):
-            none_found = True
-            continue
-        lists_targets = _PANEL.search(part) is not None
-        panel = panel or lists_targets
-        if _GENE.search(part):
-            none_found = False
-        if _UNDETECTED.search(part):
-            none_found = True
-            continue
-        finding = _DETECTED.search(part) or _FOUND.search(part) or _GANCICLOVIR_RESISTANT.search(part)
-        if finding and not lists_targets:
-            return True
-        if _MUTATION.search(part) and not panel and not none_found:
-            return True
-    return False
+def report_reads_resistance(text: str) -> bool:
+    """A finding stated as such ("UL97 M460V detected", "Ganciclovir: RESISTANT", "UL54 POS") is resistance. A
+    mutation named without a verdict ("UL97: M460V", "Mutation panel: M460V, H520Q") is, unless the report says
+    nothing was found — for its gene ("UL54: wild type; UL97 M460V" is resistance), or with no gene named, for the
+    whole report ("Mutation panel: M460V, H520Q. No mutations detected." is not). Assay-scope wording ("this assay
+    detects mutations such as M460V", "Mutations screened: …") reports nothing, to the end of its sentence."""
+    text = _VARIANT_NOT_RESISTANCE.sub(" ", _BRACKETED_PANEL.sub(" ", _IDENTIFIER.sub(" ", text)))
+    nothing_found_for: set[str] = set()
+    nothing_found_at_all = False
+    named: list[str | None] = []  # the gene of each mutation named without a verdict (None: no gene named)
+    for sentence in _SENTENCES.split(text):
+        assay_scope = False
+        sentence_gene: str | None = None
+        for part in filter(None, _PARTS.split(sentence)):
+            gene_match = _GENE.search(part)
+            gene = re.sub(r"\s", "", gene_match.group(0)).upper() if gene_match else sentence_gene
+            sentence_gene = gene
+            if _PANEL.search(part):
+                assay_scope = True
+                continue
+            if _UNDETECTED.search(part) or _NOT_RESISTANCE.search(part) or _NONE.search(part):
+                if gene_match is not None:
+                    nothing_found_for.add(gene or "")
+                else:
+                    nothing_found_at_all = True
+                continue
+            mutation = _MUTATION.search(part)
+            if _DETECTED.search(part) or _GANCICLOVIR_RESISTANT.search(part):
+                return True
+            if _FOUND.search(part) and (mutation or _MUTATION_WORD.search(part)):
+                return True
+            if mutation and not assay_scope:
+                named.append(gene)
+    return not nothing_found_at_all and any(gene not in nothing_found_for for gene in named)
 
 
 def _reads_detected(observation: Mapping[str, Any], *, amounts: bool = False) -> bool:
     """Its lead says detected (or, with ``amounts``, gives a viral-load amount), before any not detected."""
-    for text in map(_lead, _value_texts(observation)):
+    for text in (_lead(value, amounts=amounts) for value in _value_texts(observation)):
         detected = _DETECTED.search(text) or (_DETECTED_AMOUNT.search(text) if amounts else None)
         undetected = _UNDETECTED.search(text)
         if detected is not None and (undetected is None or detected.start() < undetected.start()):

@@ -1179,3 +1179,32 @@ def test_a_twice_daily_ganciclovir_order_without_a_dose_stays_induction_in_the_l
     order = draft("ganciclovir", "310442", route="IV", frequency=2, period=1, period_unit="d",
                   text="Induction: BID x21d; maintenance afterwards")  # fmt: skip
     assert doses(by_rule(run([order], with_creatinine(creatinine), TODAY), "dose-adjust")) == [expected]
+
+
+# --- fourth net review: a report that says nothing was found outranks mutations named without a verdict ---------
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        "None identified",
+        "Mutations found: none",
+        "Resistance mutations: none identified",
+        "Found no evidence of resistance",
+        "Insufficient DNA found for genotyping",
+        "Patient identified by 2 identifiers; wild type",
+        "Mutation panel: M460V, H520Q, A594V. No mutations detected.",
+        "Targets: UL97 M460V, H520Q; UL54 A987G. Result: not detected",
+        "Known mutations: M460V, H520Q, A594V. None detected.",
+        "UL97 panel (M460V, H520Q, A594V): negative",
+        "Result: no mutations found. Panel: M460V, H520Q, A594V",
+    ],
+)
+def test_a_report_of_nothing_found_is_not_resistance(report: str) -> None:
+    genotype = observation("", None, "", TODAY, valueString=report, code={"text": "CMV UL97/UL54 genotype"})
+    assert "resistance" not in rules_of(run([gcv_draft()], [*base(), genotype], TODAY))
+
+
+def test_an_hcg_amount_before_its_verdict_does_not_hide_a_positive() -> None:
+    hcg = observation("2106-3", None, "", TODAY, valueString="hCG: 5,000 IU/mL, positive")
+    assert "pregnancy" in rules_of(run([gcv_draft()], [*base(sex="female"), hcg], TODAY))
