@@ -91,8 +91,9 @@ _PANEL = re.compile(
 )
 # "panel", "known", "target" alone are not: reports use them for findings ("UL97 panel result: A594V", "Known
 # resistance mutation: UL97 L595S"), and a missed resistance is the worse error.
+_LIST_WORDS = re.compile(r"\b(panel|targets?|known|codons?|covered|covers|screen\w*)\b", re.IGNORECASE)
+_OTHER_THAN = re.compile(r"\b(other|additional|further)\b", re.IGNORECASE)
 _NONE = re.compile(r"\b(none|nothing|no evidence)\b", re.IGNORECASE)
-_MUTATION_WORD = re.compile(r"\b(mutations?|variants?|substitutions?)\b", re.IGNORECASE)
 _FOUND = re.compile(r"(?<!not )\b(identified|found)\b", re.IGNORECASE)
 # A named variant that is not resistance: "UL97 D605E (polymorphism, not resistance)".
 _NOT_RESISTANCE = re.compile(
@@ -100,8 +101,8 @@ _NOT_RESISTANCE = re.compile(
 )
 # The report's own interpretation: "Ganciclovir: RESISTANT", "resistant to ganciclovir".
 _GANCICLOVIR_RESISTANT = re.compile(
-    r"\b(val)?ganciclovir\W{0,3}(resistant|resistance (detected|present|likely))\b"
-    r"|(?<!not )\bresistant to (val)?ganciclovir\b",
+    r"\b((val)?ganciclovir|v?gcv)\W{0,3}(resistant|resistance (detected|present|likely))\b"
+    r"|(?<!not )\bresistant to ((val)?ganciclovir|v?gcv)\b|\bconfers? (val)?ganciclovir resistance\b",
     re.IGNORECASE,
 )
 _BRACKETED_PANEL = re.compile(rf"\([^()]*{_PANEL.pattern}[^()]*\)|\[[^\[\]]*{_PANEL.pattern}[^\[\]]*\]", re.IGNORECASE)
@@ -411,17 +412,23 @@ def _resistance_reported(observation: Mapping[str, Any]) -> bool:
 
 
 def report_reads_resistance(text: str) -> bool:
-    """A finding stated as such ("UL97 M460V detected", "Ganciclovir: RESISTANT", "UL54 POS") is resistance. A
-    mutation named without a verdict ("UL97: M460V", "Mutation panel: M460V, H520Q") is, unless the report says
-    nothing was found — for its gene ("UL54: wild type; UL97 M460V" is resistance), or with no gene named, for the
-    whole report ("Mutation panel: M460V, H520Q. No mutations detected." is not). Assay-scope wording ("this assay
-    detects mutations such as M460V", "Mutations screened: …") reports nothing, to the end of its sentence."""
+    """A finding stated as such ("UL97 M460V detected", "Ganciclovir: RESISTANT", "M460V (resistant to GCV)") is
+    resistance, unless a negative comes first in its part ("No ganciclovir-resistant mutations detected"). A
+    mutation named without a verdict ("UL97: M460V", "Amino acid changes: M460V") is resistance unless the report
+    says nothing was found for its gene ("UL54: wild type; UL97 M460V" is resistance), or in its own sentence
+    ("Not detected: M460V, H520Q"), or it is named in a list of targets (panel, known, target, codons) and the
+    report says nothing was found ("Mutation panel: M460V, H520Q. No mutations detected."). Other fields' "none"
+    ("Polymorphisms: none") do not cancel a mutation. Assay-scope wording ("this assay detects mutations such as
+    M460V") reports nothing, to the end of its sentence."""
     text = _VARIANT_NOT_RESISTANCE.sub(" ", _BRACKETED_PANEL.sub(" ", _IDENTIFIER.sub(" ", text)))
     nothing_found_for: set[str] = set()
     nothing_found_at_all = False
-    named: list[str | None] = []  # the gene of each mutation named without a verdict (None: no gene named)
+    named: list[tuple[str | None, bool]] = []  # (gene, named in a list of targets) of each mutation without verdict
     for sentence in _SENTENCES.split(text):
         assay_scope = False
+        listing = _LIST_WORDS.search(sentence) is not None
+        sentence_negative = False
+        in_sentence: list[tuple[str | None, bool]] = []
         sentence_gene: str | None = None
         for part in filter(None, _PARTS.split(sentence)):
             gene_match = _GENE.search(part)
@@ -430,20 +437,30 @@ def report_reads_resistance(text: str) -> bool:
             if _PANEL.search(part):
                 assay_scope = True
                 continue
-            if _UNDETECTED.search(part) or _NOT_RESISTANCE.search(part) or _NONE.search(part):
+            mutation = _MUTATION.search(part)
+            negative = _first(part, _UNDETECTED, _NOT_RESISTANCE, _NONE)
+            positive = _first(part, _DETECTED, _GANCICLOVIR_RESISTANT, *((_FOUND,) if mutation else ()))
+            if negative is not None and (positive is None or negative < positive):
+                if _OTHER_THAN.search(part):
+                    continue  # "no other mutations detected": says nothing of the ones named
                 if gene_match is not None:
                     nothing_found_for.add(gene or "")
                 else:
-                    nothing_found_at_all = True
+                    sentence_negative = nothing_found_at_all = True
                 continue
-            mutation = _MUTATION.search(part)
-            if _DETECTED.search(part) or _GANCICLOVIR_RESISTANT.search(part):
-                return True
-            if _FOUND.search(part) and (mutation or _MUTATION_WORD.search(part)):
+            if positive is not None:
                 return True
             if mutation and not assay_scope:
-                named.append(gene)
-    return not nothing_found_at_all and any(gene not in nothing_found_for for gene in named)
+                in_sentence.append((gene, listing))
+        if not sentence_negative:
+            named += in_sentence
+    return any(gene not in nothing_found_for and not (listed and nothing_found_at_all) for gene, listed in named)
+
+
+def _first(text: str, *patterns: re.Pattern[str]) -> int | None:
+    """Where the earliest of the patterns matches in ``text``, if any does."""
+    starts = [m.start() for m in (p.search(text) for p in patterns) if m is not None]
+    return min(starts) if starts else None
 
 
 def _reads_detected(observation: Mapping[str, Any], *, amounts: bool = False) -> bool:

@@ -1208,3 +1208,24 @@ def test_a_report_of_nothing_found_is_not_resistance(report: str) -> None:
 def test_an_hcg_amount_before_its_verdict_does_not_hide_a_positive() -> None:
     hcg = observation("2106-3", None, "", TODAY, valueString="hCG: 5,000 IU/mL, positive")
     assert "pregnancy" in rules_of(run([gcv_draft()], [*base(sex="female"), hcg], TODAY))
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        "UL97: M460V (resistant to GCV)\nComment: No evidence of foscarnet resistance.",
+        "Mutations: M460V\nPolymorphisms: none",
+        "UL97: A594V\nComment: none",
+        "UL97: M460V\nUL54: no changes\nOther findings: none",
+        "Changes: M460V, D605E\nInterpretation: M460V confers ganciclovir resistance; D605E is a polymorphism.",
+        "UL97: M460V\nD605E: natural polymorphism, no resistance",
+        "Gene Mutation Drug Interpretation UL97 M460V GCV Resistant UL54 None",
+        "UL97: L595S. No resistance mutations.",
+        "UL97 M460V; no other mutations detected",
+    ],
+)
+def test_a_mutation_is_not_cancelled_by_another_fields_none(report: str) -> None:
+    """Another field's "none", a comment on another drug or another variant, or a contradictory summary do not
+    cancel a mutation the report names (a missed resistance keeps ganciclovir going)."""
+    genotype = observation("", None, "", TODAY, valueString=report, code={"text": "CMV UL97/UL54 genotype"})
+    assert "resistance" in rules_of(run([gcv_draft()], [*base(), genotype], TODAY))
