@@ -96,9 +96,8 @@ _OTHER_THAN = re.compile(r"\b(other|additional|further)\b", re.IGNORECASE)
 _NONE = re.compile(r"\b(none|nothing|no evidence)\b", re.IGNORECASE)
 _FOUND = re.compile(r"(?<!not )\b(identified|found)\b", re.IGNORECASE)
 # A named variant that is not resistance: "UL97 D605E (polymorphism, not resistance)".
-_NOT_RESISTANCE = re.compile(
-    r"\b(polymorphisms?|natural variants?|benign|not\b[^.;,]{0,30}\bresistan\w*|no resistance)\b", re.IGNORECASE
-)
+_NOT_RESISTANCE_WORDS = r"polymorphisms?|natural variants?|benign|no resistance"
+_NOT_RESISTANCE = re.compile(rf"\b({_NOT_RESISTANCE_WORDS}|not\b[^.;,]{{0,30}}\bresistan\w*)\b", re.IGNORECASE)
 # The report's own interpretation: "Ganciclovir: RESISTANT", "resistant to ganciclovir".
 _GANCICLOVIR_RESISTANT = re.compile(
     r"\b((val)?ganciclovir|v?gcv)\W{0,3}(resistant|resistance (detected|present|likely))\b"
@@ -109,9 +108,7 @@ _BRACKETED_PANEL = re.compile(rf"\([^()]*{_PANEL.pattern}[^()]*\)|\[[^\[\]]*{_PA
 # A variant named with "(polymorphism)" / "(not associated with resistance)"; not "(ganciclovir resistant; not
 # resistant to foscarnet)", which is drug by drug.
 _VARIANT_NOT_RESISTANCE = re.compile(
-    r"\S+\s*\([^()]*\b(polymorphisms?|natural variants?|benign|not (associated with )?resistance|no resistance)\b"
-    r"[^()]*\)",
-    re.IGNORECASE,
+    rf"\S+\s*\([^()]*\b({_NOT_RESISTANCE_WORDS}|not (associated with )?resistance)\b[^()]*\)", re.IGNORECASE
 )
 # A CMV result named as a resistance test (not a glycoprotein/strain genotype, nor a viral load reflexing to one),
 # and a value that speaks of mutations: a genotype report, not a viral load.
@@ -120,6 +117,7 @@ _NOT_RESISTANCE_NAME = re.compile(
     r"\b(glycoprotein|g[bhno]\d?|strain|reflex\w*|quant\w*|viral load|load|pcr|naa|monitor\w*|consider\w*)\b",
     re.IGNORECASE,
 )
+_RESISTANCE_TEST_SETS = frozenset({"CmvResistance", "CmvInfection"})
 _VIRAL_LOAD_NAME = re.compile(r"\b(reflex\w*|quant\w*|viral load)\b", re.IGNORECASE)
 _OTHER_VIRUS = re.compile(r"\b(hsv|herpes simplex|vzv|varicella|ebv|epstein|hhv-?[1-8]|hiv|hbv|hcv)", re.IGNORECASE)
 # The value's lead: "Detected" in "Detected; reflexed to UL97 analysis" (not split inside 5,000 or 2.5).
@@ -346,13 +344,14 @@ def _usable_observation(observation: Mapping[str, Any]) -> bool:
     return not (status == "preliminary" and not _has_value(observation))
 
 
-def _value_texts(observation: Mapping[str, Any]) -> list[str]:
+def _value_texts(observation: Mapping[str, Any], *, interpretations: bool = True) -> list[str]:
+    """The result's words: valueString, valueCodeableConcept and (unless left out) the interpretations."""
     texts = []
     if isinstance(observation.get("valueString"), str):
         texts.append(observation["valueString"])
     texts += concept_texts(observation.get("valueCodeableConcept"))
-    interpretations = observation.get("interpretation")
-    for interpretation in interpretations if isinstance(interpretations, list) else ():
+    flags = observation.get("interpretation") if interpretations else None
+    for interpretation in flags if isinstance(flags, list) else ():
         texts += concept_texts(interpretation)
     return texts
 
@@ -383,6 +382,8 @@ def _resistance_test(observation: Mapping[str, Any], sets: ConceptSets) -> bool:
     """A CMV resistance genotype: by the CmvResistance names (the gene, CMV with resistance), or a CMV result whose
     name speaks of resistance, genotyping or mutations — not a glycoprotein or strain genotype, nor a viral load
     that names the resistance test it reflexes to (docs/policy.md §11)."""
+    if sets.matched.isdisjoint(_RESISTANCE_TEST_SETS):
+        return False  # not a CMV result: most observations (creatinine, counts) stop here
     if "valueQuantity" in observation or not sets.coded.isdisjoint(VIRAL_LOAD_SETS):
         return False  # a viral load (a quantity, or a viral-load LOINC code) is never a genotype report
     names = concept_texts(observation.get("code"))
@@ -392,18 +393,14 @@ def _resistance_test(observation: Mapping[str, Any], sets: ConceptSets) -> bool:
         return False  # "HSV-1 UL54 genotype": herpes simplex has a UL54 gene too
     if "CmvResistance" in sets.matched:
         return True
-    if "CmvInfection" not in sets.matched:
-        return False
     return any(_RESISTANCE_NAME.search(name) and not _NOT_RESISTANCE_NAME.search(name) for name in names)
 
 
 def _genotype_value(observation: Mapping[str, Any]) -> bool:
     """A value whose first sentence speaks of mutations ("No resistance mutations detected", "wild type"): a
     genotype report's, never a viral load's. Interpretations are not read here ("consider resistance testing")."""
-    texts = [observation["valueString"]] if isinstance(observation.get("valueString"), str) else []
-    texts += concept_texts(observation.get("valueCodeableConcept"))
     # The result is stated first: "Detected, 5,200 IU/mL; sent for resistance mutation analysis" is a viral load.
-    return any(_GENOTYPE_VALUE.search(_lead(text)) for text in texts)
+    return any(_GENOTYPE_VALUE.search(_lead(text)) for text in _value_texts(observation, interpretations=False))
 
 
 def _resistance_reported(observation: Mapping[str, Any]) -> bool:
@@ -607,7 +604,7 @@ class _FactBuilder:
         kind = next((name for name in VIRAL_LOAD_SETS if name in sets.coded), None)
         if kind is None and not sets.matched.isdisjoint(VIRAL_LOAD_SETS):
             kind = _viral_load_kind_by_unit(observation)  # named, not coded: the unit says which kind
-            if (resistance_test and "valueQuantity" not in observation) or _genotype_value(observation):
+            if resistance_test or _genotype_value(observation):
                 kind = None  # a genotype report, not a viral load (a coded viral-load LOINC code always is one)
         if kind is not None and not _specimen_not_blood(observation):
             load = _viral_load(observation, kind, instant.date())
