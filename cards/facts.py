@@ -34,6 +34,7 @@ from cards.fhir_in import (
     parse_date,
     parse_instant,
     reference_of,
+    text_search,
 )
 from cards.orders import OrderFact, cmv_drug, medication_fact, read_draft_dose, text_phase
 from cards.therapy import MedicationFact
@@ -746,7 +747,7 @@ def _specimen_not_blood(observation: Mapping[str, Any]) -> bool:
     texts = concept_texts(observation.get("code"))
     if isinstance(specimen, dict) and isinstance(specimen.get("display"), str):
         texts.append(specimen["display"])
-    return any(_NOT_BLOOD.search(text) for text in texts)
+    return any(text_search(_NOT_BLOOD, text) for text in texts)
 
 
 def _viral_load_kind_by_unit(observation: Mapping[str, Any]) -> str:

@@ -71,17 +71,23 @@ class ConceptSets:
 
 
 _MEMO: ContextVar[dict[int, ConceptSets] | None] = ContextVar("cmv_cds_concept_memo", default=None)
-# Texts longer than this (rare, and possibly hostile) are checked for negation without being cached.
+# Texts longer than this (rare, and possibly hostile) are searched without being cached.
 _CACHEABLE_TEXT = 256
 
 
-@functools.lru_cache(maxsize=8192)
-def _negated_cached(text: str) -> bool:
-    return _NEGATED.search(text) is not None
+@functools.lru_cache(maxsize=16384)
+def _search_cached(pattern: re.Pattern[str], text: str) -> bool:
+    return pattern.search(text) is not None
+
+
+def text_search(pattern: re.Pattern[str], text: str) -> bool:
+    """Whether ``pattern`` occurs in ``text``. Memoised across calls: the same names, displays and instructions
+    come back request after request, and a case-insensitive alternation of words costs microseconds per text."""
+    return _search_cached(pattern, text) if len(text) <= _CACHEABLE_TEXT else pattern.search(text) is not None
 
 
 def _negated(text: str) -> bool:
-    return _negated_cached(text) if len(text) <= _CACHEABLE_TEXT else _NEGATED.search(text) is not None
+    return text_search(_NEGATED, text)
 
 
 def _classify(concept: Any) -> tuple[frozenset[str], frozenset[str]]:

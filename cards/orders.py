@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from cards.dosing import Drug
-from cards.fhir_in import concept_label, concept_sets, concept_texts, parse_date, reference_of
+from cards.fhir_in import concept_label, concept_sets, concept_texts, parse_date, reference_of, text_search
 from cards.therapy import MedicationFact, Route, exposure_window
 
 DRUG_SETS = (
@@ -91,14 +91,14 @@ def medication_route(request: Mapping[str, Any]) -> Route:
             return "oral"
     route_texts = concept_texts(route)
     # The route field first: "oral" there is not overruled by "with maintenance IV fluids" in the instructions.
-    if any(_ROUTE_IV.search(t) for t in route_texts):
+    if any(text_search(_ROUTE_IV, t) for t in route_texts):
         return "iv"
-    if any(_ROUTE_ORAL.search(t) or _ENTERAL_ROUTE.match(t) for t in route_texts):
+    if any(text_search(_ROUTE_ORAL, t) or text_search(_ENTERAL_ROUTE, t) for t in route_texts):
         return "oral"
     text = dosage.get("text")
-    if isinstance(text, str) and _ROUTE_IV.search(text):
+    if isinstance(text, str) and text_search(_ROUTE_IV, text):
         return "iv"
-    if isinstance(text, str) and _ROUTE_ORAL.search(text):
+    if isinstance(text, str) and text_search(_ROUTE_ORAL, text):
         return "oral"
     return "other" if route else "unknown"
 
@@ -136,7 +136,7 @@ def _is_local(request: Mapping[str, Any], route: Route) -> bool:
     texts = [*concept_texts(dosage.get("route")), *concept_texts(medication_concept(request))]
     if isinstance(dosage.get("text"), str):
         texts.append(dosage["text"])
-    return any(_LOCAL.search(text) for text in texts)
+    return any(text_search(_LOCAL, text) for text in texts)
 
 
 def medication_sets(request: Mapping[str, Any], route: Route | None = None) -> frozenset[str]:

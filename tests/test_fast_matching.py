@@ -3,13 +3,17 @@ answers of the plain CodeSet methods it replaces on the hot path (bench/README.m
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cards.codes import CodeSet, all_code_sets, code_set, load_code_sets
-from cards.fhir_in import _NEGATED, coded_in, concept_in, concept_memo, concept_texts
+from cards.facts import _NOT_BLOOD
+from cards.fhir_in import _NEGATED, coded_in, concept_in, concept_memo, concept_texts, text_search
+from cards.orders import _ENTERAL_ROUTE, _LOCAL, _ROUTE_IV, _ROUTE_ORAL
 
 REGISTRY = all_code_sets()
 # Unregistered copies of the same sets take the original (slow) path: the reference answers.
@@ -92,3 +96,24 @@ def test_long_texts_are_matched_without_the_cache() -> None:
     long_text = "x " * 500 + "ganciclovir"
     assert concept_in({"text": long_text}, code_set("Ganciclovir"))
     assert not concept_in({"text": long_text + " negative"}, code_set("Ganciclovir"))
+
+
+# Each pattern the hot path searches through the cached text_search (cards.fhir_in), with texts that match and that
+# do not, short (cached) and past the cache's length limit: the same answers as the pattern's own search.
+@pytest.mark.parametrize(
+    ("pattern", "matching", "other"),
+    [
+        (_NEGATED, "CMV IgG positive", "CMV viremia"),
+        (_NOT_BLOOD, "CMV DNA [IU/volume] in Bronchoalveolar lavage", "CMV DNA [IU/volume] in Plasma"),
+        (_ROUTE_IV, "IV piggyback", "by mouth"),
+        (_ROUTE_ORAL, "per NG tube", "intravenous"),
+        (_ENTERAL_ROUTE, " PEG-J ", "via PEG-J today"),
+        (_LOCAL, "instill 1 drop into the left eye", "CMV retinitis of the left eye"),
+    ],
+)
+def test_cached_text_search_answers_as_the_pattern_does(pattern: re.Pattern[str], matching: str, other: str) -> None:
+    for text in (matching, other, "x " * 300 + matching, "x " * 300 + other):
+        for _ in range(2):  # the second answer comes from the cache (short texts)
+            assert text_search(pattern, text) is (pattern.search(text) is not None), text[-60:]
+    assert text_search(pattern, matching)
+    assert not text_search(pattern, other)
