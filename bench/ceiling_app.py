@@ -22,14 +22,14 @@ from typing import Any
 
 from flask import Flask
 
-from cards.model import Card, new_uuid
+from cards.model import Card, new_card_uuid, new_uuid
 
 VARIANTS = ("no-evaluation", "protocol-only")
 
 
 def _fresh_copy(card: Card) -> Card:
     suggestions = tuple(dataclasses.replace(s, uuid=new_uuid()) for s in card.suggestions)
-    return dataclasses.replace(card, suggestions=suggestions, uuid=new_uuid())
+    return dataclasses.replace(card, suggestions=suggestions, uuid=new_card_uuid())
 
 
 def _evaluate_once(real: Callable[..., list[Card]]) -> Callable[..., list[Card]]:

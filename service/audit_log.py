@@ -49,8 +49,9 @@ log = logging.getLogger("cmv_cds.store")
 Row = tuple[str, str, str, str, str, str, str]
 Insert = Callable[[Sequence[Row]], None]
 
-# How long the writer gathers appended rows into one insert.
-WRITE_BEHIND_SECONDS = 0.05
+# How long the writer gathers appended rows into one insert. Per row, a transaction of two workers' SQLite writes
+# costs less the more rows it carries (0.05 s → 0.1 s: about a fifth less writer CPU at 700 calls/s, round 5).
+WRITE_BEHIND_SECONDS = 0.1
 # Back-off after a failed insert: the first retry, doubled per failure up to the last.
 RETRY_FIRST_SECONDS = 0.5
 RETRY_MAX_SECONDS = 5.0
