@@ -187,14 +187,15 @@ def fhir_session() -> requests.Session:
 
 
 @functools.lru_cache(maxsize=64)
-def environment_settings(base_url: str) -> tuple[dict[str, str], bool | str]:
-    """(proxies, verify) for requests to ``base_url``, as requests itself reads them from the environment
-    (``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY``, ``NO_PROXY``, ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``), read once
-    per FHIR server and process. Why: the environment does not change while the service runs, and requests reads
-    it twice per GET by walking every variable, about 0.3 ms each time here (more under Kubernetes, which adds
-    variables for every service in the namespace): a fifth of the CPU of a FHIR read (bench/README.md, round 5)."""
+def environment_settings(origin: str) -> tuple[dict[str, str], bool | str]:
+    """(proxies, verify) for requests to ``origin`` (``scheme://host[:port]/``, the port as the URL writes it), as
+    requests itself reads them from the environment (``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY``, ``NO_PROXY``,
+    ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``), read once per origin and process. Why: the environment does not
+    change while the service runs, and requests reads it twice per GET by walking every variable, about 0.3 ms
+    each time here (more under Kubernetes, which adds variables for every service in the namespace): a fifth of
+    the CPU of a FHIR read (bench/README.md, round 5)."""
     with requests.Session() as probe:
-        merged = probe.merge_environment_settings(base_url, {}, None, None, None)
+        merged = probe.merge_environment_settings(origin, {}, None, None, None)
     verify = merged["verify"]
     return dict(merged["proxies"]), True if verify is None else verify
 
@@ -239,8 +240,10 @@ class FhirServer:
             headers["Authorization"] = f"Bearer {self.access_token}"
         if not isinstance(session.get_adapter(url), WatchedAdapter):
             session.mount(self.base_url, WatchedAdapter())
+        session.trust_env = False  # as fhir_session() makes it: the environment comes from environment_settings
         timeout = min(self.timeout_seconds, remaining)
-        proxies, verify = environment_settings(self.base_url)
+        parts = urlsplit(url)  # per origin as written, as requests decides: NO_PROXY "host:443" needs the port
+        proxies, verify = environment_settings(f"{parts.scheme}://{parts.netloc}/")
         try:
             with (
                 self.budget.bound(),

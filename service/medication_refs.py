@@ -36,13 +36,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import requests
-
 from cards.model import Card
 from service import metrics
 from service.draft_orders import read_medication_request, reference_parts
 from service.errors import PreconditionFailed
-from service.fhir_client import FhirFetchError, FhirServer, bundle_resources
+from service.fhir_client import FhirFetchError, FhirServer, bundle_resources, fhir_session
 
 log = logging.getLogger("cmv_cds.medications")
 
@@ -202,7 +200,7 @@ class MedicationResolver:
             return
 
         def read(ident: str) -> tuple[str, Mapping[str, Any] | str]:
-            with requests.Session() as session, metrics.fhir_fetch_timer(METRIC_KEY):
+            with fhir_session() as session, metrics.fhir_fetch_timer(METRIC_KEY):
                 try:
                     found = server.get_json(server.url_for(f"Medication/{ident}"), session)
                 except FhirFetchError as exc:

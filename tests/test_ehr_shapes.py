@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -285,6 +286,22 @@ def test_medication_read_from_fhir_server(client: FlaskClient, rsps: responses.R
     status, payload = post(client, request([by_reference(gcv_draft(), reference)], with_server=True))
     assert status == 200, payload
     assert topics(payload) == ["dose-adjust"]
+    (call,) = rsps.calls
+    assert call.request.headers["Authorization"] == "Bearer token-1"
+
+
+def test_medication_read_sends_the_clients_token_whatever_netrc_says(
+    client: FlaskClient, rsps: responses.RequestsMock, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A ~/.netrc entry for the FHIR host must not replace the client's bearer token (requests would send its
+    Basic credentials instead: service.fhir_client.fhir_session)."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine ehr.example.org login operator password secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    rsps.get(f"{FHIR}/Medication/med-gcv", json=medication("med-gcv"))
+    status, payload = post(client, request([by_reference(gcv_draft(), "Medication/med-gcv")], with_server=True))
+    assert status == 200, payload
     (call,) = rsps.calls
     assert call.request.headers["Authorization"] == "Bearer token-1"
 

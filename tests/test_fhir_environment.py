@@ -77,3 +77,20 @@ def test_the_ca_bundle_the_environment_names_is_used(monkeypatch: pytest.MonkeyP
 
 def test_without_a_ca_bundle_certificates_are_verified() -> None:
     assert _read().req_kwargs["verify"] is True
+
+
+def test_no_proxy_with_a_port_is_decided_per_url_as_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """requests matches a NO_PROXY entry with a port against the port the URL writes: the decision is cached per
+    origin as written, not per FHIR server, so a link written with :443 keeps requests' own answer."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.hospital.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "ehr.example.org:443")
+    server = FhirServer(BASE, "client-token", 5.0, 1_000_000, 5, FetchBudget(5.0))
+    with responses.RequestsMock() as mock:
+        mock.get(f"{BASE}/Patient/p1", json=PATIENT)
+        mock.get("https://ehr.example.org:443/fhir/Patient/p1", json=PATIENT)
+        with fhir_session() as session:
+            server.get_json(f"{BASE}/Patient/p1", session)
+            server.get_json("https://ehr.example.org:443/fhir/Patient/p1", session)
+        written_without_port, written_with_port = (call.request.req_kwargs["proxies"] for call in mock.calls)
+    assert written_without_port.get("https") == "http://proxy.hospital.internal:3128"
+    assert not written_with_port.get("https")
