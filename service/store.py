@@ -89,8 +89,10 @@ _WRITE = "cmv_cds_write"
 # pg_advisory_xact_lock key serialising create_schema across workers (any fixed int64).
 _SCHEMA_LOCK_KEY = 0x636D765F636473  # "cmv_cds"
 _SQLITE_BUSY_TIMEOUT_SECONDS = 5
-# How long store_feedback waits for another process's write-behind before calling a card unknown.
-WRITE_BEHIND_GRACE_SECONDS = 3 * audit_log.WRITE_BEHIND_SECONDS
+# How long store_feedback waits for another process's write-behind before calling a card unknown: one interval of
+# the writer and as much again for its insert (0.2 s; a sync worker is held that long by feedback naming an unknown
+# card, so no more than that).
+WRITE_BEHIND_GRACE_SECONDS = 2 * audit_log.WRITE_BEHIND_SECONDS
 # ...and, right after an outage, for this process's spool to be replayed (a card issued during it).
 BACKLOG_GRACE_SECONDS = 3.0
 # Issued-card spool (service.audit_log): the directory used when none is configured, beside a SQLite file, and
