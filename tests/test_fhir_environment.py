@@ -91,6 +91,7 @@ def test_no_proxy_with_a_port_is_decided_per_url_as_written(monkeypatch: pytest.
         with fhir_session() as session:
             server.get_json(f"{BASE}/Patient/p1", session)
             server.get_json("https://ehr.example.org:443/fhir/Patient/p1", session)
-        written_without_port, written_with_port = (call.request.req_kwargs["proxies"] for call in mock.calls)
+        requests_sent: list[Any] = [call.request for call in mock.calls]  # responses adds req_kwargs to each
+    written_without_port, written_with_port = (sent.req_kwargs["proxies"] for sent in requests_sent)
     assert written_without_port.get("https") == "http://proxy.hospital.internal:3128"
     assert not written_with_port.get("https")
