@@ -62,6 +62,10 @@ class LoadResult:
     errors: dict[str, int]
     cpu_ms_per_request: float
     workers_seen: int
+    # The busiest worker's share of the workers' CPU during the run (1/N: even; 1.0: one worker did all the work,
+    # as when one uvicorn worker accepts every one of wrk's keep-alive connections). None: no worker alive
+    # throughout the run (all recycled) or no CPU measured.
+    busiest_worker_share: float | None = None
 
 
 @dataclass
@@ -110,6 +114,7 @@ def run_wrk(
     """``wrk -t1 -cN -dS`` against the server on loopback; CPU of the workers measured around it."""
     workers_before = set(server.worker_pids())
     cpu_before = _workers_cpu(server)
+    each_before = {pid: cpu_seconds(pid) for pid in workers_before}
     argv = [
         wrk,
         "-t1",
@@ -130,6 +135,7 @@ def run_wrk(
             process.wait(timeout=5)
     workers_after = set(server.worker_pids())
     cpu = _workers_cpu(server) - cpu_before
+    each = [cpu_seconds(pid) - each_before[pid] for pid in sorted(workers_before & workers_after)]
     text = out.decode(errors="replace")
     line = next((ln for ln in text.splitlines() if ln.startswith("BENCH_RESULT ")), None)
     if process.returncode != 0 or line is None:
@@ -150,6 +156,7 @@ def run_wrk(
         errors={k: int(values[k]) for k in ("connect", "read", "write", "status", "timeout") if values[k]},
         cpu_ms_per_request=round(cpu * 1000 / requests, 3) if requests else 0.0,
         workers_seen=len(workers_before | workers_after),
+        busiest_worker_share=round(max(each) / cpu, 2) if each and cpu > 0 else None,
     )
 
 

@@ -400,6 +400,44 @@ def _median_of(rounds: list[dict[str, Any]], app: str, key: str) -> tuple[float,
     return statistics.median(values), values
 
 
+# A worker doing this share of its app's CPU or more did (nearly) all the work: the app ran on one core.
+ONE_WORKER_SHARE = 0.8
+
+
+def _balance_lines(rounds: list[dict[str, Any]]) -> list[str]:
+    """How the work was spread over each app's workers, and what the peer's throughput was where both of its
+    workers worked. uvicorn's workers share one listening socket, and the first to wake may accept all 8 of wrk's
+    keep-alive connections; gunicorn's sync workers take one connection per request, so they stay even."""
+    shares = {app: [r[app]["load"][1].get("busiest_worker_share") for r in rounds] for app in ("peer", "service")}
+    if any(share is None for values in shares.values() for share in values):
+        return []  # runs recorded before the share was measured
+
+    def listed(values: list[Any]) -> str:
+        return ", ".join(f"{v:.2f}" for v in values)
+
+    lines = [
+        f"busiest worker's share of the workers' CPU at c=8 (0.50 = even): peer [{listed(shares['peer'])}], "
+        f"service [{listed(shares['service'])}]"
+    ]
+    one_core = [number for number, share in enumerate(shares["peer"], 1) if share >= ONE_WORKER_SHARE]
+    if not one_core:
+        return lines
+    balanced = [r for r, share in zip(rounds, shares["peer"], strict=True) if share < ONE_WORKER_SHARE]
+    lines.append(
+        f"  the peer ran on one of its workers in round(s) {', '.join(map(str, one_core))}: one uvicorn worker "
+        "accepted all of wrk's keep-alive connections"
+    )
+    if balanced:
+        ratios = [r["service"]["load"][1]["rps"] / r["peer"]["load"][1]["rps"] for r in balanced]
+        lines.append(
+            f"  service / peer throughput in the rounds where both peer workers worked: "
+            f"{statistics.median(ratios):.0%} [{', '.join(f'{v:.0%}' for v in ratios)}]"
+        )
+    else:
+        lines.append("  no round had both peer workers working: the peer's throughput above is one core's")
+    return lines
+
+
 def peer_report(block: dict[str, Any]) -> list[str]:
     """The three-way table (c=8, median and each round) and issue 15's bar."""
     rounds = block["rounds"]
@@ -432,6 +470,7 @@ def peer_report(block: dict[str, Any]) -> list[str]:
     vs_peer = per_round("service", "peer", "rps")
     vs_floor = per_round("service", "noop", "rps")
     p99 = per_round("service", "noop", "p99_ms")
+    lines += _balance_lines(rounds)
     lines += [
         f"service / peer throughput: {vs_peer[0]:.0%} [{', '.join(f'{v:.0%}' for v in vs_peer[1])}]",
         f"service / floor throughput: {vs_floor[0]:.0%} [{', '.join(f'{v:.0%}' for v in vs_floor[1])}]",

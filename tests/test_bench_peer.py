@@ -52,6 +52,43 @@ def test_the_table_gives_medians_and_each_round() -> None:
     assert "  [PASS] service p99 <= 3x the floor's" in lines
 
 
+def with_shares(block_: dict[str, Any], peer_shares: list[float], service_share: float = 0.5) -> dict[str, Any]:
+    """The block with each round's busiest-worker share at c=8 (bench/load.py) for the peer and the service."""
+    for round_, share in zip(block_["rounds"], peer_shares, strict=True):
+        round_["peer"]["load"][1]["busiest_worker_share"] = share
+        round_["service"]["load"][1]["busiest_worker_share"] = service_share
+    return block_
+
+
+def test_rounds_where_one_peer_worker_took_every_connection_are_named() -> None:
+    rounds: list[tuple[float, float, float]] = [(2000, 300, 700), (2000, 600, 700), (2000, 320, 700)]
+    lines = peer_report(with_shares(peer_block(rounds), [1.0, 0.52, 0.99]))
+    assert (
+        "busiest worker's share of the workers' CPU at c=8 (0.50 = even): peer [1.00, 0.52, 0.99], "
+        "service [0.50, 0.50, 0.50]"
+    ) in lines
+    assert any("the peer ran on one of its workers in round(s) 1, 3" in line for line in lines)
+    # Only round 2 had both peer workers working: 700 / 600.
+    assert "  service / peer throughput in the rounds where both peer workers worked: 117% [117%]" in lines
+    assert "service / peer throughput: 219% [233%, 117%, 219%]" in lines  # all rounds, as before
+
+
+def test_a_peer_on_one_worker_in_every_round_is_said_so() -> None:
+    lines = peer_report(with_shares(peer_block([(2000, 300, 700)]), [0.97]))
+    assert "  no round had both peer workers working: the peer's throughput above is one core's" in lines
+
+
+def test_balanced_rounds_add_only_the_shares_line() -> None:
+    lines = peer_report(with_shares(peer_block([(2000, 600, 700)]), [0.55]))
+    assert not any("one of its workers" in line for line in lines)
+    assert any(line.startswith("busiest worker's share") for line in lines)
+
+
+def test_runs_recorded_before_the_share_was_measured_still_report() -> None:
+    lines = peer_report(peer_block([(2000, 600, 700)]))
+    assert not any("busiest worker" in line for line in lines)
+
+
 def test_a_slow_service_misses_every_bar() -> None:
     lines = peer_report(peer_block([(2000, 600, 300)]))
     assert [line for line in lines if line.startswith("  [")] == [
