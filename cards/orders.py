@@ -96,10 +96,11 @@ def medication_route(request: Mapping[str, Any]) -> Route:
     if any(text_search(_ROUTE_ORAL, t) or text_search(_ENTERAL_ROUTE, t) for t in route_texts):
         return "oral"
     text = dosage.get("text")
-    if isinstance(text, str) and text_search(_ROUTE_IV, text):
-        return "iv"
-    if isinstance(text, str) and text_search(_ROUTE_ORAL, text):
-        return "oral"
+    if isinstance(text, str):
+        if text_search(_ROUTE_IV, text):
+            return "iv"
+        if text_search(_ROUTE_ORAL, text):
+            return "oral"
     return "other" if route else "unknown"
 
 
@@ -272,9 +273,8 @@ def text_phase(order: Mapping[str, Any]) -> TextPhase | None:
             if isinstance(item, dict) and isinstance(item.get("text"), str):
                 texts.append(item["text"])
     texts += concept_texts(order.get("courseOfTherapyType"))
-    return _text_phase(
-        ". ".join(texts)
-    )  # one reading of all of them: "Induction: …" in the dosage, maintenance in a note
+    # One reading of all of them: "Induction: …" in the dosage, maintenance in a note.
+    return _text_phase(". ".join(texts))
 
 
 _DRUGS: tuple[tuple[str, Drug], ...] = (

@@ -174,13 +174,9 @@ class WatchedAdapter(HTTPAdapter):
 
 
 def fhir_session() -> requests.Session:
-    """A requests session whose connections honour the budget of the ``FhirServer`` using it.
-
-    It does not read the environment itself (``trust_env`` off): ``FhirServer.get_json`` passes the proxies and
-    CA bundle the environment names for the server (``environment_settings``), and ``~/.netrc`` is not read, as
-    its Basic credentials would replace the CDS client's bearer token for that host."""
+    """A requests session whose connections honour the budget of the ``FhirServer`` using it. (``get_json`` turns
+    off its reading of the environment, as for any session it is given.)"""
     session = requests.Session()
-    session.trust_env = False
     session.mount("https://", WatchedAdapter())
     session.mount("http://", WatchedAdapter())
     return session
@@ -240,7 +236,9 @@ class FhirServer:
             headers["Authorization"] = f"Bearer {self.access_token}"
         if not isinstance(session.get_adapter(url), WatchedAdapter):
             session.mount(self.base_url, WatchedAdapter())
-        session.trust_env = False  # as fhir_session() makes it: the environment comes from environment_settings
+        # requests does not read the environment itself: the proxies and CA bundle come from environment_settings,
+        # and ~/.netrc is not read, as its Basic credentials would replace the client's bearer token for that host.
+        session.trust_env = False
         timeout = min(self.timeout_seconds, remaining)
         parts = urlsplit(url)  # per origin as written, as requests decides: NO_PROXY "host:443" needs the port
         proxies, verify = environment_settings(f"{parts.scheme}://{parts.netloc}/")
