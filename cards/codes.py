@@ -21,7 +21,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-FHIR_PROFILES_DIR: Final[Path] = Path(__file__).resolve().parents[1] / "fhir_profiles"
+from cards import PACKAGE_DIR
+
+FHIR_PROFILES_DIR: Final[Path] = PACKAGE_DIR.parent / "fhir_profiles"
 VALUESETS_DIR: Final[Path] = FHIR_PROFILES_DIR / "valuesets"
 
 VALUESET_URL_PREFIX: Final = "http://fhir.cmv-cds.org/ValueSet/"
@@ -114,8 +116,10 @@ class CodeSet:
         pairs = frozenset(_coding_key(c.system, c.code) for c in self.concepts)
         object.__setattr__(self, "_pairs", pairs)
         object.__setattr__(self, "_regex", _compile_patterns(self.text_patterns))
+        # Set here, not only as the field default: compiled (mypyc) dataclasses leave init=False fields unset.
+        object.__setattr__(self, "registered", False)
 
-    def has_coding(self, system: str | None, code: str | None) -> bool:
+    def has_coding(self, system: object, code: object) -> bool:
         """True if (system, code) is one of the set's codes; non-strings never match.
 
         Tolerated EHR variations: surrounding white space, the HL7 OID form of the code system, and ICD
@@ -130,7 +134,7 @@ class CodeSet:
         system = _normalize_system(system)
         return tuple(c.code for c in self.concepts if _normalize_system(c.system) == system)
 
-    def matches_text(self, text: str | None) -> bool:
+    def matches_text(self, text: object) -> bool:
         """True if ``text`` contains one of the name patterns as a whole word or phrase (case-insensitive)."""
         regex = self._regex
         if regex is None or not isinstance(text, str):
