@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import jsonschema_rs
@@ -25,9 +24,10 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 from referencing import Registry, Resource
 
+from service import PACKAGE_DIR
 from service.errors import InvalidRequest
 
-SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
+SCHEMA_DIR = PACKAGE_DIR / "schemas"
 
 
 @functools.cache

@@ -349,8 +349,8 @@ def test_dockerfile_env_names_are_settings() -> None:
 
 
 # What the image needs: the packages, the data they read next to them (cards.codes.FHIR_PROFILES_DIR,
-# service.preview.EXAMPLES_DIR) and pyproject.toml (the editable install).
-IMAGE_SOURCES = {"pyproject.toml", "service", "cards", "fhir_profiles", "examples"}
+# service.preview.EXAMPLES_DIR), pyproject.toml (the editable install) and the builder's compile step.
+IMAGE_SOURCES = {"pyproject.toml", "service", "cards", "fhir_profiles", "examples", "scripts/compile_hot_path.py"}
 
 
 def test_dockerfile_copies_only_what_the_image_needs() -> None:
@@ -370,3 +370,16 @@ def test_dockerignore_keeps_the_context_small() -> None:
     assert lines[0] == "*"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     assert allowed == IMAGE_SOURCES
+
+
+def test_dockerfile_ships_the_compiled_hot_path() -> None:
+    """The builder compiles with mypyc (scripts/compile_hot_path.py); the runtime stage takes the packages from it, with
+    their extensions and manifests, and no compiler."""
+    instructions = dockerfile_instructions()
+    builder = instructions[: len(instructions) - len(final_stage())]
+    builder_runs = " ".join(args for instruction, args in builder if instruction == "RUN")
+    assert "python scripts/compile_hot_path.py" in builder_runs
+    copies = [args for instruction, args in final_stage() if instruction == "COPY"]
+    assert "--from=builder /app/cards/ cards/" in copies
+    assert "--from=builder /app/service/ service/" in copies
+    assert not any("gcc" in args for instruction, args in final_stage() if instruction == "RUN")
