@@ -67,11 +67,44 @@ def _env(port: int, database: Path) -> dict[str, str]:
     return env
 
 
-def _start(procs: Processes, tmp: Path, name: str, app: str, recycle: bool) -> Server:
+def _start(procs: Processes, tmp: Path, name: str, app: str, recycle: bool, root: Path = ROOT) -> Server:
     port = free_port()
     log = tmp / f"{name}-{port}.log"
     argv = _gunicorn_argv(app, recycle)
-    return procs.start(name, argv, env=_env(port, tmp / f"{name}-{port}.sqlite3"), cwd=ROOT, log_path=log, port=port)
+    return procs.start(name, argv, env=_env(port, tmp / f"{name}-{port}.sqlite3"), cwd=root, log_path=log, port=port)
+
+
+# What the compiled copy of the tree needs: the packages, their data, and bench/ for the --ceiling variants.
+_TREE = ("service", "cards", "fhir_profiles", "bench")
+_COMPILE_TIMEOUT_S = 900
+
+
+def compiled_tree(tmp: Path) -> Path:
+    """A copy of the service's packages compiled with mypyc (scripts/compile_hot_path.py), as the container image ships
+    them; the service is started from it (its working directory comes first on the import path). The
+    repository's own tree is left as it is."""
+    tree = tmp / "compiled"
+    skip = shutil.ignore_patterns("__pycache__", "*.so", "_compiled.json")
+    for name in _TREE:
+        shutil.copytree(ROOT / name, tree / name, ignore=skip)
+    try:
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "compile_hot_path.py"), "--root", str(tree)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=_COMPILE_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"compiling with mypyc took over {_COMPILE_TIMEOUT_S} s; --interpreted skips it") from exc
+    if done.returncode != 0:
+        tail = (done.stdout + done.stderr).strip().splitlines()[-15:]
+        raise BenchError(
+            "compiling with mypyc failed (it needs the test extra's mypy and a C compiler; --interpreted measures "
+            "the sources as they are):\n  " + "\n  ".join(tail)
+        )
+    return tree
 
 
 def _ready_workers(server: Server) -> int:
@@ -122,11 +155,13 @@ def check_answer(status: int, data: bytes, what: str) -> list[dict[str, Any]]:
     return cards
 
 
-def first_requests(procs: Processes, tmp: Path, body: bytes, boots: int, recycle: bool) -> dict[str, Any]:
+def first_requests(
+    procs: Processes, tmp: Path, body: bytes, boots: int, recycle: bool, root: Path = ROOT
+) -> dict[str, Any]:
     """Fresh service each time: time to boot, then the first, second and warm request latencies."""
     samples = []
     for _ in range(boots):
-        server = _start(procs, tmp, "service-boot", SERVICE_APP, recycle)
+        server = _start(procs, tmp, "service-boot", SERVICE_APP, recycle, root)
         try:
             boot_s = _wait_service(server)
             time.sleep(0.3)  # let both workers reach their accept loop after the warm-up log line
@@ -227,12 +262,15 @@ def load_app(
     recycle: bool,
     extra: Any = None,
     peer_build: peer.Peer | None = None,
+    root: Path = ROOT,
 ) -> dict[str, Any]:
-    """Start one app (``peer_build``: the HealthChain peer, else ``app`` under gunicorn), check its answer, warm
-    it, run wrk at c=1 and c=8 while sampling worker RSS."""
+    """Start one app (``peer_build``: the HealthChain peer, else ``app`` under gunicorn from the tree ``root``),
+    check its answer, warm it, run wrk at c=1 and c=8 while sampling worker RSS."""
     is_service = peer_build is None and app != NOOP_APP  # the service, or a --ceiling variant of it
     path = SERVICE_PATH if peer_build is None else peer.PATH
-    server = _start(procs, tmp, name, app, recycle) if peer_build is None else peer.start(procs, tmp, peer_build, name)
+    server = (
+        _start(procs, tmp, name, app, recycle, root) if peer_build is None else peer.start(procs, tmp, peer_build, name)
+    )
     try:
         if is_service:
             _wait_service(server)
@@ -301,6 +339,7 @@ def report(results: dict[str, Any]) -> str:
         "feedback in a temporary SQLite file",
         f"request: order-select with {results['request']['resources']} resources "
         f"({results['request']['bytes']} bytes); service answer: {', '.join(svc['cards'])}",
+        f"service build: {results.get('service_build', 'interpreted')}",
         "",
         f"Load (wrk -t1, {results['seconds']:g} s per run, POST {SERVICE_PATH}):",
     ]
@@ -505,25 +544,36 @@ def _run(args: argparse.Namespace, wrk: str, procs: Processes, tmp: Path) -> dic
     }
     rounds = args.rounds or (3 if args.peer else 1)
     apps = (4 if args.ceiling else 2) + (3 * rounds - 2 if args.peer else 0)
+    compile_s = 0 if args.interpreted else 100  # mypyc and gcc on 2 cores
     print(
         f"benchmark: {seconds:g} s per load run, {boots} fresh boot(s); "
-        f"about {int(apps * (2 * seconds + 5) + 12 * boots + 10 + (60 if args.peer else 0))} s",
+        f"about {int(apps * (2 * seconds + 5) + 12 * boots + 10 + (60 if args.peer else 0) + compile_s)} s",
         flush=True,
     )
     print("AUTHENTICATION OFF for the benchmark: CMV_CDS_REQUIRE_AUTH=false", flush=True)
+    if args.interpreted:
+        service_root = ROOT
+        results["service_build"] = "interpreted (the repository's sources, --interpreted)"
+    else:
+        print(
+            "  compiling the service's hot path with mypyc in a copy of the tree (scripts/compile_hot_path.py)",
+            flush=True,
+        )
+        service_root = compiled_tree(tmp)
+        results["service_build"] = "compiled with mypyc (scripts/compile_hot_path.py), as the container image ships it"
     peer_build = None
     if args.peer:
         print(f"  building the peer: pip install {peer.HEALTHCHAIN} in a throwaway venv, its scaffold", flush=True)
         peer_build = peer.build(tmp)
         print(f"  {peer.NODELAY_NOTE}", flush=True)
-    results["first_request"] = first_requests(procs, tmp, body, boots, args.recycle)
+    results["first_request"] = first_requests(procs, tmp, body, boots, args.recycle, service_root)
     print("  first request after boot: done", flush=True)
     stub = start_stub(procs, tmp, delay_seconds=0.05)
 
     def scenario(server: Server, cards: list[str]) -> dict[str, Any]:
         return {"fhir": fhir_scenario(server, stub, calls, cards)}
 
-    common = {"wrk": wrk, "lua": lua, "body": body, "seconds": seconds, "recycle": args.recycle}
+    common: dict[str, Any] = {"wrk": wrk, "lua": lua, "body": body, "seconds": seconds, "recycle": args.recycle}
     peer_rounds = []
     # With --peer, the floor, the peer and the service are loaded in turn, `rounds` times (alternating, so that
     # a change of the machine's load touches all three alike); the last round's blocks feed the rest of the report.
@@ -536,7 +586,13 @@ def _run(args: argparse.Namespace, wrk: str, procs: Processes, tmp: Path) -> dic
             peer_block = load_app(procs, tmp, name="peer" + suffix, app="", peer_build=peer_build, **common)
             print(f"  HealthChain peer{suffix}: done", flush=True)
         results["service"] = load_app(
-            procs, tmp, name="service" + suffix, app=SERVICE_APP, extra=scenario if last else None, **common
+            procs,
+            tmp,
+            name="service" + suffix,
+            app=SERVICE_APP,
+            extra=scenario if last else None,
+            root=service_root,
+            **common,
         )
         print(f"  service{suffix}: done", flush=True)
         if peer_build is not None:
@@ -563,6 +619,7 @@ def _run(args: argparse.Namespace, wrk: str, procs: Processes, tmp: Path) -> dic
                 body=body,
                 seconds=seconds,
                 recycle=args.recycle,
+                root=service_root,
             )
             if block["cards"] != results["service"]["cards"]:
                 raise BenchError(f"ceiling variant {variant} gave other cards: {block['cards']}")
@@ -596,6 +653,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--rounds", type=int, help="with --peer: alternating rounds of floor, peer and service (default 3)"
+    )
+    parser.add_argument(
+        "--interpreted",
+        action="store_true",
+        help="load the service from the repository's sources as they are, instead of a copy compiled with mypyc "
+        "(scripts/compile_hot_path.py; the container image's form, the default)",
     )
     parser.add_argument("--label", default="", help="a label printed with the results (e.g. before/after)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
