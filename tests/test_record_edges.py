@@ -26,6 +26,11 @@ def maintenance_draft() -> dict[str, Any]:
     return draft("valganciclovir", "313566", dose_mg=900, route="oral", frequency=1, period=1, period_unit="d")
 
 
+def genotype_report(report: str) -> dict[str, Any]:
+    """A CMV UL97/UL54 genotype observation, named by text only, whose result is the free-text ``report``."""
+    return observation("", None, "", TODAY, valueString=report, code={"text": "CMV UL97/UL54 genotype"})
+
+
 def induction_order(days_ago_start: int, **changes: Any) -> dict[str, Any]:
     """Valganciclovir 900 mg twice daily, started ``days_ago_start`` days ago (fields overridden by ``changes``)."""
     order = medication("valganciclovir 450 mg tablet", TODAY, started_days_ago=days_ago_start, route="oral")
@@ -139,7 +144,7 @@ def test_only_systemic_immunosuppression_is_considered_for_reduction(text: str, 
     ],
 )
 def test_a_resistance_report_of_none_found_is_not_resistance(report: str, suspected: bool) -> None:
-    genotype = observation("", None, "", TODAY, valueString=report, code={"text": "CMV UL97/UL54 genotype"})
+    genotype = genotype_report(report)
     cards = run([draft("ganciclovir", "310442", route="IV")], [*base(), genotype], TODAY)
     assert ("resistance" in rules_of(cards)) is suspected
 
@@ -565,7 +570,7 @@ def test_a_local_form_of_a_nephrotoxic_drug_does_not_bar_cidofovir(text: str, ro
     ],
 )
 def test_a_mutation_reported_beside_a_gene_with_none_found_is_resistance(report: str) -> None:
-    genotype = observation("", None, "", TODAY, valueString=report, code={"text": "CMV UL97/UL54 genotype"})
+    genotype = genotype_report(report)
     cards = run([gcv_draft()], [*base(), genotype], TODAY)
     assert "resistance" in rules_of(cards)
 
@@ -725,7 +730,7 @@ def test_a_valganciclovir_draft_by_feeding_tube_is_not_a_route_change() -> None:
     ],
 )  # fmt: skip
 def test_resistance_reports_read_part_by_part(report: str, suspected: bool) -> None:
-    genotype = observation("", None, "", TODAY, valueString=report, code={"text": "CMV UL97/UL54 genotype"})
+    genotype = genotype_report(report)
     cards = run([gcv_draft()], [*base(), genotype], TODAY)
     assert ("resistance" in rules_of(cards)) is suspected
 
@@ -876,7 +881,7 @@ def test_a_coded_viral_load_is_read_whatever_its_name_says(extra: dict[str, Any]
     ],
 )
 def test_genotype_report_formats(report: str, suspected: bool) -> None:
-    genotype = observation("", None, "", TODAY, valueString=report, code={"text": "CMV UL97/UL54 genotype"})
+    genotype = genotype_report(report)
     assert ("resistance" in rules_of(run([gcv_draft()], [*base(), genotype], TODAY))) is suspected
 
 
@@ -945,7 +950,7 @@ def test_a_coded_viral_load_is_never_a_resistance_report(name: str, interpretati
     ],
 )
 def test_wording_around_a_negative_genotype_is_not_resistance(report: str) -> None:
-    genotype = observation("", None, "", TODAY, valueString=report, code={"text": "CMV UL97/UL54 genotype"})
+    genotype = genotype_report(report)
     assert "resistance" not in rules_of(run([gcv_draft()], [*base(), genotype], TODAY))
 
 
@@ -1042,7 +1047,7 @@ def test_a_herpes_simplex_ul54_genotype_is_not_cmv_resistance(name: str, suspect
     ],
 )  # fmt: skip
 def test_genotype_report_wording_from_reference_laboratories(report: str, suspected: bool) -> None:
-    genotype = observation("", None, "", TODAY, valueString=report, code={"text": "CMV UL97/UL54 genotype"})
+    genotype = genotype_report(report)
     assert ("resistance" in rules_of(run([gcv_draft()], [*base(), genotype], TODAY))) is suspected
 
 
@@ -1101,7 +1106,7 @@ def test_an_induction_order_not_yet_renally_adjusted_is_adjusted_as_induction(
     ],
 )
 def test_a_finding_worded_with_panel_words_is_resistance(report: str) -> None:
-    genotype = observation("", None, "", TODAY, valueString=report, code={"text": "CMV UL97/UL54 genotype"})
+    genotype = genotype_report(report)
     assert "resistance" in rules_of(run([gcv_draft()], [*base(), genotype], TODAY))
 
 
@@ -1150,7 +1155,7 @@ def test_an_amount_written_as_text_under_a_viral_load_code_is_detected() -> None
     ],
 )
 def test_panel_and_known_wording_does_not_hide_a_finding(report: str, suspected: bool) -> None:
-    genotype = observation("", None, "", TODAY, valueString=report, code={"text": "CMV UL97/UL54 genotype"})
+    genotype = genotype_report(report)
     assert ("resistance" in rules_of(run([gcv_draft()], [*base(), genotype], TODAY))) is suspected
 
 
@@ -1201,7 +1206,7 @@ def test_a_twice_daily_ganciclovir_order_without_a_dose_stays_induction_in_the_l
     ],
 )
 def test_a_report_of_nothing_found_is_not_resistance(report: str) -> None:
-    genotype = observation("", None, "", TODAY, valueString=report, code={"text": "CMV UL97/UL54 genotype"})
+    genotype = genotype_report(report)
     assert "resistance" not in rules_of(run([gcv_draft()], [*base(), genotype], TODAY))
 
 
@@ -1227,5 +1232,5 @@ def test_an_hcg_amount_before_its_verdict_does_not_hide_a_positive() -> None:
 def test_a_mutation_is_not_cancelled_by_another_fields_none(report: str) -> None:
     """Another field's "none", a comment on another drug or another variant, or a contradictory summary do not
     cancel a mutation the report names (a missed resistance keeps ganciclovir going)."""
-    genotype = observation("", None, "", TODAY, valueString=report, code={"text": "CMV UL97/UL54 genotype"})
+    genotype = genotype_report(report)
     assert "resistance" in rules_of(run([gcv_draft()], [*base(), genotype], TODAY))
