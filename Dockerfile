@@ -29,9 +29,9 @@ COPY cards/ cards/
 COPY fhir_profiles/ fhir_profiles/
 RUN pip install --no-deps -e .
 
-# The request's hot path compiled with mypyc (scripts/compile_hot_path.py): the same code, about a fifth less CPU per hook
-# call (bench/README.md, "Round 6"). mypy and gcc are build tools only: mypy is installed beside the venv, not in
-# it, and the runtime stage takes the extensions, not the compiler.
+# The request's hot path compiled with mypyc (scripts/compile_hot_path.py): the same code, about a fifth less CPU
+# per hook call (bench/README.md, "Round 6"). mypy and gcc are build tools only: mypy is installed beside the venv,
+# not in it, and the runtime stage takes the extensions, not the compiler.
 ARG MYPY_VERSION=2.4.1
 COPY scripts/compile_hot_path.py scripts/compile_hot_path.py
 RUN apt-get update \

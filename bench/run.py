@@ -28,6 +28,7 @@ from bench import ceiling_app, fixture, peer
 from bench.fhir_stub import RemoteStub
 from bench.load import WRK_INSTALL, LoadResult, RssSampler, find_wrk, run_wrk, timed_post, write_lua
 from bench.procs import LOOPBACK, BenchError, Processes, Server, free_port, interrupt_on_termination, wait_for
+from cards.compiled import MANIFEST_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 2
@@ -84,7 +85,7 @@ def compiled_tree(tmp: Path) -> Path:
     them; the service is started from it (its working directory comes first on the import path). The
     repository's own tree is left as it is."""
     tree = tmp / "compiled"
-    skip = shutil.ignore_patterns("__pycache__", "*.so", "_compiled.json")
+    skip = shutil.ignore_patterns("__pycache__", "*.so", MANIFEST_NAME)
     for name in _TREE:
         shutil.copytree(ROOT / name, tree / name, ignore=skip)
     try:

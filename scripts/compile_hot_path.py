@@ -52,6 +52,7 @@ GROUP_NAME = "_native"
 # package → its modules compiled (paths relative to the package). Left interpreted in service/: app.py and the
 # blueprints (Flask's decorators and closures, and what runs once per request there is Flask's own code),
 # errors.py (mypyc compiles exception classes into native classes: werkzeug's HTTPException attributes are lost),
+# logs.py (a compiled caller has no Python frame, so a log record would name the wrong caller's file and line),
 # the once-per-process modules (config, cli, registry, openapi, gunicorn hooks), and those the tests replace
 # functions of (audit_log, store, fhir_client, medication_refs: a compiled module calls its own functions
 # directly, so a monkeypatched one would be silently bypassed).
