@@ -14,7 +14,6 @@ import functools
 import re
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -63,11 +62,17 @@ def coded_in(concept: Any, value_set: CodeSet) -> bool:
 # drafts before the facts do, and the rules ask again about the same medications. Keyed by id() for speed; each
 # entry keeps a reference to its concept, so the id cannot be reused while the memo lives, and the identity check
 # rules out a stale hit. The memo lives for one call, during which the input resources are not modified.
-@dataclass(slots=True)
 class ConceptSets:
-    concept: Any
-    coded: frozenset[str]  # sets matched by a coding (matches_coding_only)
-    matched: frozenset[str]  # concept_in: coded, or named by a text or display that is not negated
+    """The registered code sets one concept is in. A plain class rather than a dataclass: 24 are built per hook
+    call, and compiled (scripts/compile_hot_path.py) its ``__init__`` is native, where a dataclass's generated
+    ``__init__`` stays interpreted Python."""
+
+    __slots__ = ("coded", "concept", "matched")
+
+    def __init__(self, concept: Any, coded: frozenset[str], matched: frozenset[str]) -> None:
+        self.concept = concept
+        self.coded = coded  # sets matched by a coding (matches_coding_only)
+        self.matched = matched  # concept_in: coded, or named by a text or display that is not negated
 
 
 _MEMO: ContextVar[dict[int, ConceptSets] | None] = ContextVar("cmv_cds_concept_memo", default=None)
@@ -75,15 +80,25 @@ _MEMO: ContextVar[dict[int, ConceptSets] | None] = ContextVar("cmv_cds_concept_m
 _CACHEABLE_TEXT = 256
 
 
-@functools.lru_cache(maxsize=16384)
-def _search_cached(pattern: re.Pattern[str], text: str) -> bool:
-    return pattern.search(text) is not None
+# Keyed by the pattern's source and flags, not the Pattern object: hashing a Pattern hashes its whole compiled
+# program every time (no cached hash), thousands of instructions per lookup for the long alternations here.
+_TEXT_SEARCHES: dict[tuple[str, int, str], bool] = {}
+_TEXT_SEARCHES_MAX = 16384
 
 
 def text_search(pattern: re.Pattern[str], text: str) -> bool:
     """Whether ``pattern`` occurs in ``text``. Memoised across calls: the same names, displays and instructions
-    come back request after request, and a case-insensitive alternation of words costs microseconds per text."""
-    return _search_cached(pattern, text) if len(text) <= _CACHEABLE_TEXT else pattern.search(text) is not None
+    come back request after request, and a case-insensitive alternation of words costs microseconds per text.
+    Bounded: emptied when full (a dict's single operations are atomic under the GIL, so threads may share it)."""
+    if len(text) > _CACHEABLE_TEXT:
+        return pattern.search(text) is not None
+    key = (pattern.pattern, pattern.flags, text)
+    found = _TEXT_SEARCHES.get(key)
+    if found is None:
+        if len(_TEXT_SEARCHES) >= _TEXT_SEARCHES_MAX:
+            _TEXT_SEARCHES.clear()
+        found = _TEXT_SEARCHES[key] = pattern.search(text) is not None
+    return found
 
 
 def _negated(text: str) -> bool:
@@ -118,8 +133,10 @@ def _new_concept_sets(concept: Any) -> ConceptSets:
         except TypeError:  # not JSON (a caller's own objects): classified as it is
             key = b""
         if 0 < len(key) <= _CACHEABLE_CONCEPT_BYTES:
-            return ConceptSets(concept, *_classify_json(key))
-    return ConceptSets(concept, *_classify(concept))
+            coded, matched = _classify_json(key)  # unpacked here: a star-args call is not a native call compiled
+            return ConceptSets(concept, coded, matched)
+    coded, matched = _classify(concept)
+    return ConceptSets(concept, coded, matched)
 
 
 def concept_sets(concept: Any) -> ConceptSets:
