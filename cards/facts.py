@@ -200,7 +200,10 @@ CONDITION_FINDINGS: dict[str, tuple[str, str]] = {
 _MANIFESTATION_SET_NAMES = frozenset(MANIFESTATION_SETS.values())
 
 
-@dataclass(slots=True)
+# The classes built several times per hook call (Evidence, Measurement, ViralLoad, _Latest; therapy.MedicationFact)
+# spell out their __init__ (init=False): compiled (scripts/compile_hot_path.py), a written __init__ is native code,
+# while the one dataclasses generates stays interpreted Python, about 7x slower per object.
+@dataclass(slots=True, init=False)
 class Evidence:
     """Where a finding came from: the resource reference, its date, and a short label for the card."""
 
@@ -208,8 +211,13 @@ class Evidence:
     date: dt.date | None
     label: str
 
+    def __init__(self, source: str, date: dt.date | None, label: str) -> None:
+        self.source = source
+        self.date = date
+        self.label = label
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class Measurement:
     """A numeric value in its canonical unit, with its date, source and the code that identified it."""
 
@@ -218,9 +226,29 @@ class Measurement:
     date: dt.date
     source: str
     stale: bool
-    code: str = ""  # e.g. "LOINC 38483-4 Creatinine [Mass/volume] in Blood", or how it was recognised
-    reading: str = ""  # a test-strip reading as reported ("2+"), when the value is its nominal equivalent
-    comparator: str = ""  # "<", "<=", ">=" or ">" when the result is a bound ("< 0.2 mg/dL"), not a value
+    code: str  # e.g. "LOINC 38483-4 Creatinine [Mass/volume] in Blood", or how it was recognised
+    reading: str  # a test-strip reading as reported ("2+"), when the value is its nominal equivalent
+    comparator: str  # "<", "<=", ">=" or ">" when the result is a bound ("< 0.2 mg/dL"), not a value
+
+    def __init__(
+        self,
+        value: float,
+        unit: str,
+        date: dt.date,
+        source: str,
+        stale: bool,
+        code: str = "",
+        reading: str = "",
+        comparator: str = "",
+    ) -> None:
+        self.value = value
+        self.unit = unit
+        self.date = date
+        self.source = source
+        self.stale = stale
+        self.code = code
+        self.reading = reading
+        self.comparator = comparator
 
     def age_days(self, today: dt.date) -> int:
         """Days from the result's date to ``today``."""
@@ -258,7 +286,7 @@ class Unusable:
     code: str = ""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class ViralLoad:
     """One CMV DNA result: IU/mL when quantitative in IU, ``undetectable`` when below detection."""
 
@@ -266,7 +294,21 @@ class ViralLoad:
     source: str
     iu_per_ml: float | None
     undetectable: bool
-    copies_per_ml: float | None = None
+    copies_per_ml: float | None
+
+    def __init__(
+        self,
+        date: dt.date,
+        source: str,
+        iu_per_ml: float | None,
+        undetectable: bool,
+        copies_per_ml: float | None = None,
+    ) -> None:
+        self.date = date
+        self.source = source
+        self.iu_per_ml = iu_per_ml
+        self.undetectable = undetectable
+        self.copies_per_ml = copies_per_ml
 
 
 @dataclass(slots=True)
@@ -497,10 +539,14 @@ def build_facts(
         return _FactBuilder(patient_id, today).build(resources, other_draft_orders, selected_orders)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class _Latest:
     instant: dt.datetime
     observation: Mapping[str, Any]
+
+    def __init__(self, instant: dt.datetime, observation: Mapping[str, Any]) -> None:
+        self.instant = instant
+        self.observation = observation
 
 
 _FAMILY_BY_SET = {family.set_name: family for family in LAB_FAMILIES}

@@ -34,7 +34,7 @@ CONTINUOUS_GAP_DAYS = 1
 _DAYS_PER_UNIT = {"d": 1.0, "day": 1.0, "days": 1.0, "wk": 7.0, "week": 7.0, "weeks": 7.0, "mo": 30.0, "h": 1 / 24}
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)  # a written __init__: native when compiled (see cards.facts.Evidence)
 class MedicationFact:
     """A medication order (prefetched, or another draft of this call) with the code sets its medication is in
     and the window in which it could have been given (``end`` None: ongoing)."""
@@ -47,7 +47,29 @@ class MedicationFact:
     end: dt.date | None
     route: Route
     draft: bool
-    authored: dt.date | None = None  # authoredOn: when the order was written (a draft's session)
+    authored: dt.date | None  # authoredOn: when the order was written (a draft's session)
+
+    def __init__(
+        self,
+        source: str,
+        name: str,
+        sets: frozenset[str],
+        status: str,
+        start: dt.date | None,
+        end: dt.date | None,
+        route: Route,
+        draft: bool,
+        authored: dt.date | None = None,
+    ) -> None:
+        self.source = source
+        self.name = name
+        self.sets = sets
+        self.status = status
+        self.start = start
+        self.end = end
+        self.route = route
+        self.draft = draft
+        self.authored = authored
 
     @property
     def given(self) -> bool:
