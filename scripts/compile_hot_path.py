@@ -54,7 +54,7 @@ GROUP_NAME = "_native"
 # errors.py (mypyc compiles exception classes into native classes: werkzeug's HTTPException attributes are lost),
 # logs.py (a compiled caller has no Python frame, so a log record would name the wrong caller's file and line),
 # the once-per-process modules (config, cli, registry, openapi, gunicorn hooks), and those the tests replace
-# functions of (audit_log, store, fhir_client, medication_refs: a compiled module calls its own functions
+# functions of (audit_log, store, fhir_client: a compiled module calls its own functions
 # directly, so a monkeypatched one would be silently bypassed).
 COMPILED: dict[str, tuple[str, ...]] = {
     "cards": ("**/*.py",),
@@ -65,6 +65,8 @@ COMPILED: dict[str, tuple[str, ...]] = {
         "metrics.py",
         "validation.py",
         "prefetch.py",
+        "bundles.py",
+        "medication_refs.py",
     ),
 }
 

@@ -30,6 +30,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from service.bundles import bundle_resources, next_link
+
 FHIR_JSON = "application/fhir+json"
 
 
@@ -373,34 +375,3 @@ def _read_capped(resp: requests.Response, cap: int, budget: FetchBudget) -> byte
     if budget.expired:  # the watchdog shut the socket: what arrived is a truncated body
         raise FhirDeadlineExceeded()
     return b"".join(chunks)
-
-
-def bundle_resources(bundle: dict[str, Any]) -> list[dict[str, Any]]:
-    """The resources of a Bundle's entries, skipping search-outcome entries and malformed ones."""
-    entries = bundle.get("entry")
-    if not isinstance(entries, list):
-        return []
-    found = []
-    for entry in entries:
-        if not isinstance(entry, dict):
-            continue
-        search = entry.get("search")
-        if isinstance(search, dict) and search.get("mode") == "outcome":
-            continue
-        resource = entry.get("resource")
-        if isinstance(resource, dict) and isinstance(resource.get("resourceType"), str):
-            if resource["resourceType"] == "OperationOutcome":
-                continue
-            found.append(resource)
-    return found
-
-
-def next_link(bundle: dict[str, Any]) -> str | None:
-    """The ``link[relation=next].url`` of a Bundle, if any."""
-    links = bundle.get("link")
-    if not isinstance(links, list):
-        return None
-    for link in links:
-        if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
-            return str(link["url"])
-    return None

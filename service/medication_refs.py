@@ -38,9 +38,10 @@ from typing import Any
 
 from cards.model import Card
 from service import metrics
+from service.bundles import bundle_resources
 from service.draft_orders import read_medication_request, reference_parts
 from service.errors import PreconditionFailed
-from service.fhir_client import FhirFetchError, FhirServer, bundle_resources, fhir_session
+from service.fhir_client import FhirFetchError, FhirServer, fhir_session
 
 log = logging.getLogger("cmv_cds.medications")
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service import metrics
+from service.bundles import bundle_resources, next_link
 from service.config import Settings
 from service.errors import InvalidRequest, PreconditionFailed
 from service.fhir_client import (
@@ -35,9 +36,7 @@ from service.fhir_client import (
     FhirDeadlineExceeded,
     FhirFetchError,
     FhirServer,
-    bundle_resources,
     fhir_session,
-    next_link,
 )
 
 log = logging.getLogger("cmv_cds.prefetch")

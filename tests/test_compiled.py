@@ -95,7 +95,14 @@ def test_the_table_compiles_every_clinical_module_and_the_hook_path() -> None:
     every = {str(p.relative_to(REPO / "cards")) for p in (REPO / "cards").rglob("*.py")}
     assert clinical == every - {"__init__.py", "rules/__init__.py", "compiled.py"}
     hook_path = {p.name for p in compile_script.sources("service")}
-    assert {"hooks.py", "draft_orders.py", "validation.py", "prefetch.py"} <= hook_path
+    assert {
+        "hooks.py",
+        "draft_orders.py",
+        "validation.py",
+        "prefetch.py",
+        "bundles.py",
+        "medication_refs.py",
+    } <= hook_path
     # Left interpreted on purpose (scripts/compile_hot_path.py says why): Flask's app, the error classes, and the
     # modules whose functions the tests replace.
     assert hook_path.isdisjoint({"__init__.py", "app.py", "errors.py", "audit_log.py", "store.py", "fhir_client.py"})
