@@ -117,3 +117,18 @@ def test_cached_text_search_answers_as_the_pattern_does(pattern: re.Pattern[str]
             assert text_search(pattern, text) is (pattern.search(text) is not None), text[-60:]
     assert text_search(pattern, matching)
     assert not text_search(pattern, other)
+
+
+def test_the_text_search_memo_tells_patterns_apart_by_flags_and_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cards import fhir_in
+
+    # Same source, different flags: memoised under different keys, so each answers as itself.
+    sensitive, insensitive = re.compile(r"\bGanciclovir\b"), re.compile(r"\bGanciclovir\b", re.IGNORECASE)
+    for _ in range(2):
+        assert not text_search(sensitive, "ganciclovir 5 mg/kg")
+        assert text_search(insensitive, "ganciclovir 5 mg/kg")
+    monkeypatch.setattr(fhir_in, "_TEXT_SEARCHES_MAX", 50)
+    for n in range(300):
+        assert text_search(insensitive, f"ganciclovir {n}")
+        assert not text_search(insensitive, f"foscarnet {n}")
+        assert len(fhir_in._TEXT_SEARCHES) <= 50
