@@ -75,8 +75,14 @@ def _start(procs: Processes, tmp: Path, name: str, app: str, recycle: bool, root
     return procs.start(name, argv, env=_env(port, tmp / f"{name}-{port}.sqlite3"), cwd=root, log_path=log, port=port)
 
 
-# What the compiled copy of the tree needs: the packages, their data, and bench/ for the --ceiling variants.
-_TREE = ("service", "cards", "fhir_profiles", "bench")
+# What the compiled copy of the tree needs: the packages and their data (the --ceiling variants, from bench/, run
+# on the sources only: see CEILING_NEEDS_SOURCES).
+_TREE = ("service", "cards", "fhir_profiles")
+CEILING_NEEDS_SOURCES = (
+    "--ceiling needs --interpreted: its variants (bench/ceiling_app.py) replace functions of the service at run "
+    "time, and compiled modules call each other directly, so a compiled service would bypass the replacements and "
+    "still run its evaluation"
+)
 _COMPILE_TIMEOUT_S = 900
 
 
@@ -675,6 +681,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_faults()
     if args.rounds is not None and (not args.peer or args.rounds < 1):
         parser.error("--rounds needs --peer and must be at least 1")
+    if args.ceiling and not args.interpreted:
+        parser.error(CEILING_NEEDS_SOURCES)
 
     wrk = find_wrk()
     if wrk is None:

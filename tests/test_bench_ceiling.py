@@ -77,3 +77,13 @@ def test_the_in_process_benchmark_runs_against_the_service_as_it_answers_now() -
     assert done.returncode == 0, done.stderr[-2000:]
     assert "service − floor" in done.stdout
     assert "no evaluation − floor" in done.stdout
+
+
+def test_the_ceiling_refuses_a_compiled_service(capsys: pytest.CaptureFixture[str]) -> None:
+    # The variants replace service functions at run time; compiled modules would bypass them silently.
+    from bench import run
+
+    with pytest.raises(SystemExit) as exited:
+        run.main(["--ceiling"])
+    assert exited.value.code == 2
+    assert "--ceiling needs --interpreted" in capsys.readouterr().err
