@@ -6,6 +6,7 @@ import dataclasses
 import json
 import re
 import shlex
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -383,3 +384,12 @@ def test_dockerfile_ships_the_compiled_hot_path() -> None:
     assert "--from=builder /app/cards/ cards/" in copies
     assert "--from=builder /app/service/ service/" in copies
     assert not any("gcc" in args for instruction, args in final_stage() if instruction == "RUN")
+
+
+def test_ci_compiles_with_the_mypy_the_image_compiles_with() -> None:
+    """The test command's compiled run and the image's builder use one mypy (mypyc) release: what CI tests is what
+    ships."""
+    args = [args for instruction, args in dockerfile_instructions() if instruction == "ARG"]
+    image = next(a.split("=", 1)[1] for a in args if a.startswith("MYPY_VERSION="))
+    test_extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    assert f"mypy=={image}" in test_extra
