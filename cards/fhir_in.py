@@ -126,17 +126,21 @@ def _classify_json(key: bytes) -> tuple[frozenset[str], frozenset[str]]:
     return _classify(orjson.loads(key))
 
 
+def _json_key(concept: Any) -> bytes:
+    """The concept's JSON text, the cache key; empty when it is not a JSON object (a caller's own objects)."""
+    if not isinstance(concept, dict):
+        return b""
+    try:
+        return orjson.dumps(concept)
+    except TypeError:
+        return b""
+
+
 def _new_concept_sets(concept: Any) -> ConceptSets:
-    if isinstance(concept, dict):
-        try:
-            key = orjson.dumps(concept)
-        except TypeError:  # not JSON (a caller's own objects): classified as it is
-            key = b""
-        if 0 < len(key) <= _CACHEABLE_CONCEPT_BYTES:
-            coded, matched = _classify_json(key)  # unpacked here: a star-args call is not a native call compiled
-            return ConceptSets(concept, coded, matched)
-    coded, matched = _classify(concept)
-    return ConceptSets(concept, coded, matched)
+    key = _json_key(concept)
+    cached = 0 < len(key) <= _CACHEABLE_CONCEPT_BYTES
+    coded, matched = _classify_json(key) if cached else _classify(concept)
+    return ConceptSets(concept, coded, matched)  # unpacked first: compiled, a star-args call is not a native call
 
 
 def concept_sets(concept: Any) -> ConceptSets:
