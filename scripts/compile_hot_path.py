@@ -54,8 +54,8 @@ GROUP_NAME = "_native"
 # errors.py (mypyc compiles exception classes into native classes: werkzeug's HTTPException attributes are lost),
 # logs.py (a compiled caller has no Python frame, so a log record would name the wrong caller's file and line),
 # the once-per-process modules (config, cli, registry, openapi, gunicorn hooks), and those the tests replace
-# functions of (audit_log, store, fhir_client: a compiled module calls its own functions
-# directly, so a monkeypatched one would be silently bypassed).
+# functions of (audit_log, store, fhir_client: a compiled module calls its own functions directly, so a
+# monkeypatched one would be silently bypassed).
 COMPILED: dict[str, tuple[str, ...]] = {
     "cards": ("**/*.py",),
     "service": (
