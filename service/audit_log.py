@@ -127,7 +127,10 @@ class IssuedCardLog:
                     _dropped(len(rows), "spool directory not writable and the memory queue is full")
                     return
                 self._memory.extend(rows)
-        self._wake.set()
+        # Set only when clear: Event.set takes its condition's lock and notifies every call, and the writer
+        # clears the flag only before it takes the rows (so rows appended while the flag was seen set are taken).
+        if not self._wake.is_set():
+            self._wake.set()
 
     @property
     def has_pending(self) -> bool:

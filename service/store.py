@@ -51,6 +51,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -676,4 +677,13 @@ def _stored(row: FeedbackRow) -> StoredFeedback:
 
 
 def _dump(values: Sequence[str]) -> str:
+    """A stored id list as compact JSON text, exactly as ``json.dumps(values, separators=(",", ":"))`` writes it.
+
+    Written by orjson (three per hook call: about a tenth of json.dumps's cost, which builds an encoder each
+    call) whenever the two agree byte for byte: text of printable ASCII only. json.dumps escapes DEL and every
+    non-ASCII character as ``\\u`` where orjson writes them as they are, so such a list (a client's own
+    suggestion ids) is written by json.dumps itself. tests/test_store.py compares the two."""
+    data = orjson.dumps(list(values))
+    if data.isascii() and b"\x7f" not in data:
+        return data.decode()
     return json.dumps(list(values), separators=(",", ":"))

@@ -29,7 +29,7 @@ from sqlalchemy.exc import OperationalError
 
 from service.config import ConfigError
 from service.errors import InvalidRequest
-from service.store import FeedbackResult, FeedbackStore, IssuedCard
+from service.store import FeedbackResult, FeedbackStore, IssuedCard, _dump
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "cmv-antiviral-order-select"
@@ -225,6 +225,22 @@ def test_record_cards(store: FeedbackStore) -> None:
     assert recorded["rule-a"].hook_instance == "hook-1"
     assert json.loads(recorded["rule-a"].suggestion_uuids) == list(card.suggestion_uuids)
     assert json.loads(recorded["rule-b"].suggestion_uuids) == []
+
+
+# Every ASCII character (control characters, quote, backslash, DEL), non-ASCII ones (a client's own ids), the
+# ids the service makes, and the empty list.
+STORED_ID_LISTS = [
+    [f"id-{chr(code)}-x" for code in range(128)],
+    ["ünïcode-id", "snowman-\u2603", "emoji-\U0001f489", "nbsp\u00a0", "line-sep\u2028"],
+    [str(uuid.uuid4()) for _ in range(3)],
+    [],
+]
+
+
+@pytest.mark.parametrize("values", STORED_ID_LISTS, ids=["ascii", "non-ascii", "uuids", "empty"])
+def test_stored_id_lists_are_written_exactly_as_json_dumps_writes_them(values: list[str]) -> None:
+    # The text in the database does not depend on which encoder wrote it (service.store._dump).
+    assert _dump(tuple(values)) == json.dumps(values, separators=(",", ":"))
 
 
 def test_unparseable_timestamp_stores_nothing(store: FeedbackStore) -> None:
