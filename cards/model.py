@@ -65,11 +65,20 @@ def new_card_uuid() -> str:
     return f"{millis[:8]}-{millis[8:]}-7{random_part}"
 
 
-@dataclass(frozen=True)
+# The frozen dataclasses built on every call spell out their ``__init__`` (``init=False``; each field set by
+# ``object.__setattr__``, as a frozen dataclass's generated one does): compiled (scripts/compile_hot_path.py), a
+# written ``__init__`` is native code, where the generated one stays interpreted Python, about ten times slower.
+# Equality, hashing, ``repr``, ``dataclasses.replace`` and the frozen guard are the dataclass's, unchanged.
+@dataclass(frozen=True, init=False)
 class Coding:
     system: str
     code: str
     display: str | None = None
+
+    def __init__(self, system: str, code: str, display: str | None = None) -> None:
+        object.__setattr__(self, "system", system)
+        object.__setattr__(self, "code", code)
+        object.__setattr__(self, "display", display)
 
     def to_json(self) -> dict[str, str]:
         """The CDS Hooks / FHIR JSON of this value."""
@@ -79,10 +88,14 @@ class Coding:
         return data
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Source:
     label: str
     url: str | None = None
+
+    def __init__(self, label: str, url: str | None = None) -> None:
+        object.__setattr__(self, "label", label)
+        object.__setattr__(self, "url", url)
 
     def to_json(self, topic: Coding) -> dict[str, Any]:
         """The CDS Hooks JSON of this value."""
@@ -92,12 +105,24 @@ class Source:
         return data
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Action:
     type: ActionType
     description: str
     resource: dict[str, Any] | None = None
     resource_id: str | None = None
+
+    def __init__(
+        self,
+        type: ActionType,
+        description: str,
+        resource: dict[str, Any] | None = None,
+        resource_id: str | None = None,
+    ) -> None:
+        object.__setattr__(self, "type", type)
+        object.__setattr__(self, "description", description)
+        object.__setattr__(self, "resource", resource)
+        object.__setattr__(self, "resource_id", resource_id)
 
     def to_json(self) -> dict[str, Any]:
         """The CDS Hooks JSON of this value."""
@@ -109,12 +134,20 @@ class Action:
         return data
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Suggestion:
     label: str
     actions: tuple[Action, ...]
     is_recommended: bool = False
     uuid: str = field(default_factory=new_uuid)
+
+    def __init__(
+        self, label: str, actions: tuple[Action, ...], is_recommended: bool = False, uuid: str | None = None
+    ) -> None:
+        object.__setattr__(self, "label", label)
+        object.__setattr__(self, "actions", actions)
+        object.__setattr__(self, "is_recommended", is_recommended)
+        object.__setattr__(self, "uuid", new_uuid() if uuid is None else uuid)
 
     def to_json(self) -> dict[str, Any]:
         """The CDS Hooks JSON of this value."""
@@ -124,17 +157,21 @@ class Suggestion:
         return data
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Link:
     label: str
     url: str
+
+    def __init__(self, label: str, url: str) -> None:
+        object.__setattr__(self, "label", label)
+        object.__setattr__(self, "url", url)
 
     def to_json(self) -> dict[str, str]:
         """The CDS Hooks JSON of this value."""
         return {"label": self.label, "url": self.url, "type": "absolute"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Card:
     """One card. ``rule_id`` names the rule that produced it (topic code, metrics, feedback)."""
 
@@ -147,6 +184,29 @@ class Card:
     selection_behavior: Literal["at-most-one", "any"] | None = None
     links: tuple[Link, ...] = ()
     uuid: str = field(default_factory=new_card_uuid)
+
+    def __init__(
+        self,
+        rule_id: str,
+        summary: str,
+        indicator: Indicator,
+        detail: str,
+        source: Source,
+        suggestions: tuple[Suggestion, ...] = (),
+        selection_behavior: Literal["at-most-one", "any"] | None = None,
+        links: tuple[Link, ...] = (),
+        uuid: str | None = None,
+    ) -> None:
+        object.__setattr__(self, "rule_id", rule_id)
+        object.__setattr__(self, "summary", summary)
+        object.__setattr__(self, "indicator", indicator)
+        object.__setattr__(self, "detail", detail)
+        object.__setattr__(self, "source", source)
+        object.__setattr__(self, "suggestions", suggestions)
+        object.__setattr__(self, "selection_behavior", selection_behavior)
+        object.__setattr__(self, "links", links)
+        object.__setattr__(self, "uuid", new_card_uuid() if uuid is None else uuid)
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         # Guard the spec's invariants at construction so a rule cannot emit a malformed card.

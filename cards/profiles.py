@@ -86,7 +86,7 @@ def epic_topic_code(rule_id: str) -> str:
     return ("Cmv" + "".join(word[:1].upper() + word[1:] for word in words))[:EPIC_TOPIC_MAX_CHARS]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)  # Card's written __init__ (mypyc: a generated one cannot call it)
 class EpicCard(Card):
     """A card whose ``source.topic.code`` is Epic's (``epic_topic_code``); everything else as ``Card``."""
 
