@@ -19,15 +19,23 @@ from cards.rules.common import Context, Options
 from cards.rules.precedence import run_rules
 
 
-@dataclass(frozen=True)
+# Built on every call: a written __init__ (init=False), native code when compiled (cards/model.py says why).
+@dataclass(frozen=True, init=False)
 class ClinicalOptions:
     """Product options (docs/policy.md §4 dosing weight; §9 viral-load threshold)."""
 
     dosing_weight: Literal["actual", "adjusted"] = "actual"
     high_viral_load_iu_ml: float = 100000.0  # docs/policy.md §9 default
 
+    def __init__(
+        self, dosing_weight: Literal["actual", "adjusted"] = "actual", high_viral_load_iu_ml: float = 100000.0
+    ) -> None:
+        object.__setattr__(self, "dosing_weight", dosing_weight)
+        object.__setattr__(self, "high_viral_load_iu_ml", high_viral_load_iu_ml)
 
-@dataclass(frozen=True)
+
+# Built on every call: a written __init__ (init=False), native code when compiled (cards/model.py says why).
+@dataclass(frozen=True, init=False)
 class HookRequest:
     """The data of one order-select / order-sign call, already validated by the service."""
 
@@ -37,6 +45,22 @@ class HookRequest:
     selected_orders: Sequence[Mapping[str, Any]]
     other_draft_orders: Sequence[Mapping[str, Any]]
     resources: Sequence[Mapping[str, Any]]
+
+    def __init__(
+        self,
+        hook: str,
+        patient_id: str,
+        today: dt.date,
+        selected_orders: Sequence[Mapping[str, Any]],
+        other_draft_orders: Sequence[Mapping[str, Any]],
+        resources: Sequence[Mapping[str, Any]],
+    ) -> None:
+        object.__setattr__(self, "hook", hook)
+        object.__setattr__(self, "patient_id", patient_id)
+        object.__setattr__(self, "today", today)
+        object.__setattr__(self, "selected_orders", selected_orders)
+        object.__setattr__(self, "other_draft_orders", other_draft_orders)
+        object.__setattr__(self, "resources", resources)
 
 
 def selects_cmv_antiviral(orders: Sequence[Mapping[str, Any]]) -> bool:

@@ -67,7 +67,8 @@ def _days(value: int) -> dict[str, Any]:
     return {"value": value, "unit": "days", "system": UCUM, "code": "d"}
 
 
-@dataclass(frozen=True)
+# Built on every call: a written __init__ (init=False), native code when compiled (cards/model.py says why).
+@dataclass(frozen=True, init=False)
 class DoseSpec:
     """One dosage line of a proposed MedicationRequest."""
 
@@ -79,6 +80,26 @@ class DoseSpec:
     duration_days: int | None = None
     count: int | None = None
     sequence: int | None = None
+
+    def __init__(
+        self,
+        text: str,
+        amount: float,
+        amount_unit: Literal["mg", "mL"],
+        schedule: Schedule,
+        route: Literal["iv", "oral"],
+        duration_days: int | None = None,
+        count: int | None = None,
+        sequence: int | None = None,
+    ) -> None:
+        object.__setattr__(self, "text", text)
+        object.__setattr__(self, "amount", amount)
+        object.__setattr__(self, "amount_unit", amount_unit)
+        object.__setattr__(self, "schedule", schedule)
+        object.__setattr__(self, "route", route)
+        object.__setattr__(self, "duration_days", duration_days)
+        object.__setattr__(self, "count", count)
+        object.__setattr__(self, "sequence", sequence)
 
     def to_fhir(self) -> dict[str, Any]:
         """The FHIR R4 Dosage this spec describes (docs/policy.md §13)."""

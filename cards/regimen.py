@@ -63,7 +63,9 @@ class StaleInput:
     window_days: int
 
 
-@dataclass(slots=True)
+# Regimen and RenalInputs, built on every call, spell out their __init__ (init=False): native code when compiled,
+# where a dataclass's generated __init__ stays interpreted (cards/model.py says more).
+@dataclass(slots=True, init=False)
 class Regimen:
     drug: Drug
     phase: Phase
@@ -80,6 +82,40 @@ class Regimen:
     inputs: tuple[str, ...]  # one line per input, for the card's computation section
     stale: tuple[StaleInput, ...]
     colitis_course: bool = False  # docs/policy.md §6: CMV colitis 21–28 days
+
+    def __init__(
+        self,
+        drug: Drug,
+        phase: Phase,
+        row: DoseRow,
+        dose_mg: float,
+        exact_mg: float,
+        route: Literal["iv", "oral"],
+        schedule: Schedule,
+        duration_days: int | None,
+        count: int | None,
+        weight: DosingWeight | None,
+        clearance: Clearance | None,
+        on_dialysis: bool,
+        inputs: tuple[str, ...],
+        stale: tuple[StaleInput, ...],
+        colitis_course: bool = False,
+    ) -> None:
+        self.drug = drug
+        self.phase = phase
+        self.row = row
+        self.dose_mg = dose_mg
+        self.exact_mg = exact_mg
+        self.route = route
+        self.schedule = schedule
+        self.duration_days = duration_days
+        self.count = count
+        self.weight = weight
+        self.clearance = clearance
+        self.on_dialysis = on_dialysis
+        self.inputs = inputs
+        self.stale = stale
+        self.colitis_course = colitis_course
 
     @property
     def band_text(self) -> str:
@@ -106,7 +142,7 @@ def describe(label: str, m: Measurement, today: dt.date, window: int | None) -> 
     return f"{label}: {reading} on {m.date.isoformat()} ({m.source}{code}){stale}"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class RenalInputs:
     """The inputs of Cockcroft-Gault, each a Measurement or why it is missing, and what follows from them."""
 
@@ -116,6 +152,22 @@ class RenalInputs:
     clearance: Clearance | None  # needs weight, SCr and age
     per_kg: float | None  # mL/min/kg: needs SCr and age only (the foscarnet form)
     lines: list[str] = field(default_factory=list)
+
+    def __init__(
+        self,
+        weight: Measurement | MissingItem,
+        scr: Measurement | MissingItem,
+        age: int | None,
+        clearance: Clearance | None,
+        per_kg: float | None,
+        lines: list[str] | None = None,
+    ) -> None:
+        self.weight = weight
+        self.scr = scr
+        self.age = age
+        self.clearance = clearance
+        self.per_kg = per_kg
+        self.lines = [] if lines is None else lines
 
 
 def _input(

@@ -27,13 +27,22 @@ DEVINE_BASE_INCHES = 60.0
 ADJUSTED_WEIGHT_FACTOR = 0.4  # docs/policy.md §4: IBW + 0.4 × (TBW − IBW)
 
 
-@dataclass(frozen=True)
+# Built on every call: written __init__s (init=False), native code when compiled, where a dataclass's generated
+# __init__ stays interpreted (cards/model.py says more). The frozen guard, equality and repr are unchanged.
+@dataclass(frozen=True, init=False)
 class Clearance:
     """CrCl in mL/min and mL/min/kg, and how sex was handled."""
 
     ml_min: float
     ml_min_kg: float
     sex_basis: Literal["male", "female", "lower of male and female"]
+
+    def __init__(
+        self, ml_min: float, ml_min_kg: float, sex_basis: Literal["male", "female", "lower of male and female"]
+    ) -> None:
+        object.__setattr__(self, "ml_min", ml_min)
+        object.__setattr__(self, "ml_min_kg", ml_min_kg)
+        object.__setattr__(self, "sex_basis", sex_basis)
 
 
 def cockcroft_gault(age_years: int, weight_kg: float, scr_mg_dl: float, sex: Sex) -> Clearance:
@@ -50,12 +59,16 @@ def cockcroft_gault(age_years: int, weight_kg: float, scr_mg_dl: float, sex: Sex
     return Clearance(ml_min=per_kg * weight_kg, ml_min_kg=per_kg, sex_basis=basis)  # type: ignore[arg-type]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class DosingWeight:
     """The weight used for mg/kg doses, and why."""
 
     kg: float
     basis: str
+
+    def __init__(self, kg: float, basis: str) -> None:
+        object.__setattr__(self, "kg", kg)
+        object.__setattr__(self, "basis", basis)
 
 
 def dosing_weight(

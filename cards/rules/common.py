@@ -47,13 +47,19 @@ PLATELETS_MIN_PER_UL = 25000.0
 HEMOGLOBIN_MIN_G_DL = 8.0
 
 
-@dataclass(frozen=True)
+# Options and Context are built on every call: written __init__s (init=False), native code when compiled
+# (cards/model.py says why).
+@dataclass(frozen=True, init=False)
 class Options:
     dosing_weight: Literal["actual", "adjusted"]
     high_viral_load_iu_ml: float
 
+    def __init__(self, dosing_weight: Literal["actual", "adjusted"], high_viral_load_iu_ml: float) -> None:
+        object.__setattr__(self, "dosing_weight", dosing_weight)
+        object.__setattr__(self, "high_viral_load_iu_ml", high_viral_load_iu_ml)
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class Context:
     """What every rule reads: the facts, the options, the patient id, and the drugs selected in this call."""
 
@@ -63,6 +69,16 @@ class Context:
     selected_drugs: frozenset[Drug] = frozenset()
     _regimens: dict[tuple[Drug, Phase, str | None], Regimen | Missing | NotRecommended] = field(default_factory=dict)
     _phases: dict[Drug, tuple[Phase, str | None]] = field(default_factory=dict)
+
+    def __init__(
+        self, facts: PatientFacts, options: Options, patient_id: str, selected_drugs: frozenset[Drug] = frozenset()
+    ) -> None:
+        self.facts = facts
+        self.options = options
+        self.patient_id = patient_id
+        self.selected_drugs = selected_drugs
+        self._regimens = {}  # computed once per call (``regimen``)
+        self._phases = {}
 
     def regimen(self, drug: Drug, phase: Phase, column: str | None = None) -> Regimen | Missing | NotRecommended:
         """The regimen of ``drug`` for this patient (docs/policy.md §4-§6; the colitis course when the patient has
