@@ -67,8 +67,10 @@ class Context:
     options: Options
     patient_id: str
     selected_drugs: frozenset[Drug] = frozenset()
-    _regimens: dict[tuple[Drug, Phase, str | None], Regimen | Missing | NotRecommended] = field(default_factory=dict)
-    _phases: dict[Drug, tuple[Phase, str | None]] = field(default_factory=dict)
+    _regimens: dict[tuple[Drug, Phase, str | None], Regimen | Missing | NotRecommended] = field(
+        default_factory=dict, init=False
+    )
+    _phases: dict[Drug, tuple[Phase, str | None]] = field(default_factory=dict, init=False)
 
     def __init__(
         self, facts: PatientFacts, options: Options, patient_id: str, selected_drugs: frozenset[Drug] = frozenset()
