@@ -682,8 +682,13 @@ def _dump(values: Sequence[str]) -> str:
     Written by orjson (three per hook call: about a tenth of json.dumps's cost, which builds an encoder each
     call) whenever the two agree byte for byte: text of printable ASCII only. json.dumps escapes DEL and every
     non-ASCII character as ``\\u`` where orjson writes them as they are, so such a list (a client's own
-    suggestion ids) is written by json.dumps itself. tests/test_store.py compares the two."""
-    data = orjson.dumps(list(values))
-    if data.isascii() and b"\x7f" not in data:
+    suggestion ids) is written by json.dumps itself, as is one orjson refuses (a lone surrogate, which json.dumps
+    escapes). tests/test_store.py compares the two."""
+    data: bytes | None
+    try:
+        data = orjson.dumps(list(values))
+    except TypeError:  # orjson.JSONEncodeError
+        data = None
+    if data is not None and data.isascii() and b"\x7f" not in data:
         return data.decode()
     return json.dumps(list(values), separators=(",", ":"))

@@ -231,7 +231,7 @@ def test_record_cards(store: FeedbackStore) -> None:
 # ids the service makes, and the empty list.
 STORED_ID_LISTS = [
     [f"id-{chr(code)}-x" for code in range(128)],
-    ["ünïcode-id", "snowman-\u2603", "emoji-\U0001f489", "nbsp\u00a0", "line-sep\u2028"],
+    ["ünïcode-id", "snowman-\u2603", "emoji-\U0001f489", "nbsp\u00a0", "line-sep\u2028", "lone-\ud800"],
     [str(uuid.uuid4()) for _ in range(3)],
     [],
 ]
