@@ -5,6 +5,7 @@ written out (so that, compiled, it is native): fields by position or keyword, de
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 from typing import Any
 
 import pytest
@@ -106,3 +107,87 @@ def test_epic_card_differs_only_in_its_topic_code() -> None:
     assert card.topic.code == "CmvDoseAdjust"
     assert plain.topic.code == "dose-adjust"
     assert {**card.to_json(), "source": None} == {**plain.to_json(), "source": None}
+
+
+# The other classes built on every call with a written __init__ (cards.renal, .regimen, .fhir_out, .engine,
+# .rules.common): every init field given, by keyword.
+def _constructed() -> list[tuple[type[Any], dict[str, Any]]]:
+    from cards.dosing import GANCICLOVIR_ROWS
+    from cards.engine import ClinicalOptions, HookRequest
+    from cards.facts import PatientFacts
+    from cards.fhir_out import DoseSpec
+    from cards.regimen import MissingItem, Regimen, RenalInputs
+    from cards.renal import Clearance, DosingWeight
+    from cards.rules.common import Context, Options
+
+    row = next(row for row in GANCICLOVIR_ROWS if row.schedule is not None)
+    assert row.schedule is not None
+    clearance = Clearance(ml_min=72.5, ml_min_kg=1.04, sex_basis="female")
+    weight = DosingWeight(kg=70.0, basis="actual body weight")
+    facts = PatientFacts(today=dt.date(2026, 3, 1), patient_source="Patient/1", age_years=54, sex="female")
+    options = Options(dosing_weight="actual", high_viral_load_iu_ml=100000.0)
+    missing = MissingItem("body weight", "no result on record", "BodyWeight")
+    return [
+        (Clearance, {"ml_min": 72.5, "ml_min_kg": 1.04, "sex_basis": "female"}),
+        (DosingWeight, {"kg": 70.0, "basis": "actual body weight"}),
+        (Options, {"dosing_weight": "adjusted", "high_viral_load_iu_ml": 50000.0}),
+        (ClinicalOptions, {"dosing_weight": "adjusted", "high_viral_load_iu_ml": 50000.0}),
+        (
+            HookRequest,
+            {"hook": "order-select", "patient_id": "1", "today": dt.date(2026, 3, 1), "selected_orders": [{}],
+             "other_draft_orders": [], "resources": [{"resourceType": "Patient"}]},
+        ),
+        (
+            DoseSpec,
+            {"text": "350 mg IV every 12 hours", "amount": 350.0, "amount_unit": "mg", "schedule": row.schedule,
+             "route": "iv", "duration_days": 21, "count": 42, "sequence": 1},
+        ),
+        (Context, {"facts": facts, "options": options, "patient_id": "1", "selected_drugs": frozenset({"foscarnet"})}),
+        (
+            RenalInputs,
+            {"weight": missing, "scr": missing, "age": 54, "clearance": clearance, "per_kg": 1.04,
+             "lines": ["Age: 54 years"]},
+        ),
+        (
+            Regimen,
+            {"drug": "ganciclovir", "phase": "induction", "row": row, "dose_mg": 350.0, "exact_mg": 348.0,
+             "route": "iv", "schedule": row.schedule, "duration_days": 21, "count": None, "weight": weight,
+             "clearance": clearance, "on_dialysis": False, "inputs": ("Weight: 70 kg",), "stale": (),
+             "colitis_course": True},
+        ),
+    ]  # fmt: skip
+
+
+CONSTRUCTED = _constructed()
+
+
+@pytest.mark.parametrize(("cls", "values"), CONSTRUCTED, ids=[cls.__name__ for cls, _ in CONSTRUCTED])
+def test_the_written_constructors_set_every_field_and_keep_the_defaults(cls: type[Any], values: dict[str, Any]) -> None:
+    init_fields = [f for f in dataclasses.fields(cls) if f.init]
+    assert [f.name for f in init_fields] == list(values)  # every init field, in declaration order
+    by_keyword, by_position = cls(**values), cls(*values.values())
+    for name, value in values.items():
+        assert getattr(by_keyword, name) == value
+    assert by_position == by_keyword
+    assert dataclasses.replace(by_keyword) == by_keyword
+    for field in init_fields:  # a field left out takes its declared default (a fresh one from a factory)
+        if field.default is not dataclasses.MISSING:
+            expected = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            expected = field.default_factory()
+        else:
+            continue
+        assert getattr(cls(**{k: v for k, v in values.items() if k != field.name}), field.name) == expected
+    if cls.__dataclass_params__.frozen:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(by_keyword, init_fields[0].name, values[init_fields[0].name])
+
+
+def test_each_context_and_renal_inputs_gets_its_own_containers() -> None:
+    (context_cls, context_values), (renal_cls, renal_values) = CONSTRUCTED[6], CONSTRUCTED[7]
+    first, second = context_cls(**context_values), context_cls(**context_values)
+    assert first._regimens == first._phases == {}
+    assert first._regimens is not second._regimens
+    assert first._phases is not second._phases
+    without_lines = {k: v for k, v in renal_values.items() if k != "lines"}
+    assert renal_cls(**without_lines).lines is not renal_cls(**without_lines).lines
