@@ -79,10 +79,14 @@ class PgCluster:
         return psycopg.connect(self.conninfo(dbname), autocommit=True)
 
     def terminate_connections(self, dbname: str) -> None:
-        """Drop every client connection to one database, as a server restart or a failover would."""
+        """Drop every client connection to one database, as a server restart or a failover would, and return once
+        the backends have exited (PostgreSQL 14+: the timeout argument, in ms, waits for each). Without the wait a
+        backend could still be exiting when the caller's next statement reached it, a different case: a connection
+        lost in the middle of a statement (psycopg then reports it in a state SQLAlchemy's pre-ping cannot reset)."""
         with self.connect() as admin:
             admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname = %s "
+                "AND pid <> pg_backend_pid()",
                 (dbname,),
             )
 
