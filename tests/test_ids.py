@@ -24,9 +24,12 @@ def test_ids_are_version_4_uuids_written_as_uuid4_writes_them() -> None:
 
 
 def test_a_forked_child_never_hands_out_its_parents_ids() -> None:
-    model.new_uuid()  # the pool now holds ids the parent has not handed out yet
+    # A fresh read, so the pool now holds ids the parent has not handed out yet: whatever earlier tests drew in this
+    # process, one draw from an emptied pool leaves _IDS_PER_READ - 1 (a pool that held exactly one would be empty).
+    model._unused_ids.clear()
+    model.new_uuid()
     parents_unused = set(model._unused_ids)
-    assert parents_unused
+    assert len(parents_unused) == model._IDS_PER_READ - 1
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
