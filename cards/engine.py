@@ -19,7 +19,8 @@ from cards.rules.common import Context, Options
 from cards.rules.precedence import run_rules
 
 
-# Built on every call: a written __init__ (init=False), native code when compiled (cards/model.py says why).
+# ClinicalOptions and HookRequest, built on every call, spell out their __init__ (init=False): native constructors,
+# see cards/model.py above Coding.
 @dataclass(frozen=True, init=False)
 class ClinicalOptions:
     """Product options (docs/policy.md §4 dosing weight; §9 viral-load threshold)."""
@@ -34,7 +35,6 @@ class ClinicalOptions:
         object.__setattr__(self, "high_viral_load_iu_ml", high_viral_load_iu_ml)
 
 
-# Built on every call: a written __init__ (init=False), native code when compiled (cards/model.py says why).
 @dataclass(frozen=True, init=False)
 class HookRequest:
     """The data of one order-select / order-sign call, already validated by the service."""

@@ -200,9 +200,8 @@ CONDITION_FINDINGS: dict[str, tuple[str, str]] = {
 _MANIFESTATION_SET_NAMES = frozenset(MANIFESTATION_SETS.values())
 
 
-# The classes built several times per hook call (Evidence, Measurement, ViralLoad, _Latest; therapy.MedicationFact)
-# spell out their __init__ (init=False): compiled (scripts/compile_hot_path.py), a written __init__ is native code,
-# while the one dataclasses generates stays interpreted Python, about 7x slower per object.
+# Evidence, Measurement, ViralLoad and _Latest, built several times per hook call, spell out their __init__
+# (init=False): native constructors, see cards/model.py above Coding.
 @dataclass(slots=True, init=False)
 class Evidence:
     """Where a finding came from: the resource reference, its date, and a short label for the card."""

@@ -67,7 +67,7 @@ def _days(value: int) -> dict[str, Any]:
     return {"value": value, "unit": "days", "system": UCUM, "code": "d"}
 
 
-# Built on every call: a written __init__ (init=False), native code when compiled (cards/model.py says why).
+# Built on every call: a written __init__ (init=False), native constructors, see cards/model.py above Coding.
 @dataclass(frozen=True, init=False)
 class DoseSpec:
     """One dosage line of a proposed MedicationRequest."""

@@ -65,10 +65,11 @@ def new_card_uuid() -> str:
     return f"{millis[:8]}-{millis[8:]}-7{random_part}"
 
 
-# The frozen dataclasses built on every call spell out their ``__init__`` (``init=False``; each field set by
-# ``object.__setattr__``, as a frozen dataclass's generated one does): compiled (scripts/compile_hot_path.py), a
-# written ``__init__`` is native code, where the generated one stays interpreted Python, about ten times slower.
-# Equality, hashing, ``repr``, ``dataclasses.replace`` and the frozen guard are the dataclass's, unchanged.
+# Native constructors. The dataclasses built on every hook call, here and elsewhere in cards/, spell out their
+# ``__init__`` (``init=False``): compiled (scripts/compile_hot_path.py), a written ``__init__`` is native code, where
+# the one dataclasses generates stays interpreted Python, 7-10x slower per object (bench/README.md, rounds 7 and 8).
+# Frozen ones set each field with ``object.__setattr__``, as the generated one does. Equality, hashing, ``repr``,
+# ``dataclasses.replace`` and the frozen guard stay the dataclass's (tests/test_card_model.py).
 @dataclass(frozen=True, init=False)
 class Coding:
     system: str

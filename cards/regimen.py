@@ -63,8 +63,8 @@ class StaleInput:
     window_days: int
 
 
-# Regimen and RenalInputs, built on every call, spell out their __init__ (init=False): native code when compiled,
-# where a dataclass's generated __init__ stays interpreted (cards/model.py says more).
+# Regimen and RenalInputs, built on every call, spell out their __init__ (init=False): native constructors, see
+# cards/model.py above Coding.
 @dataclass(slots=True, init=False)
 class Regimen:
     drug: Drug

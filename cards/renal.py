@@ -27,8 +27,8 @@ DEVINE_BASE_INCHES = 60.0
 ADJUSTED_WEIGHT_FACTOR = 0.4  # docs/policy.md §4: IBW + 0.4 × (TBW − IBW)
 
 
-# Built on every call: written __init__s (init=False), native code when compiled, where a dataclass's generated
-# __init__ stays interpreted (cards/model.py says more). The frozen guard, equality and repr are unchanged.
+# Clearance and DosingWeight, built on every call, spell out their __init__ (init=False): native constructors, see
+# cards/model.py above Coding.
 @dataclass(frozen=True, init=False)
 class Clearance:
     """CrCl in mL/min and mL/min/kg, and how sex was handled."""

@@ -34,7 +34,7 @@ CONTINUOUS_GAP_DAYS = 1
 _DAYS_PER_UNIT = {"d": 1.0, "day": 1.0, "days": 1.0, "wk": 7.0, "week": 7.0, "weeks": 7.0, "mo": 30.0, "h": 1 / 24}
 
 
-@dataclass(slots=True, init=False)  # a written __init__: native when compiled (see cards.facts.Evidence)
+@dataclass(slots=True, init=False)  # a written __init__: native constructors, see cards/model.py above Coding
 class MedicationFact:
     """A medication order (prefetched, or another draft of this call) with the code sets its medication is in
     and the window in which it could have been given (``end`` None: ongoing)."""

@@ -684,11 +684,12 @@ def _dump(values: Sequence[str]) -> str:
     non-ASCII character as ``\\u`` where orjson writes them as they are, so such a list (a client's own
     suggestion ids) is written by json.dumps itself, as is one orjson refuses (a lone surrogate, which json.dumps
     escapes). tests/test_store.py compares the two."""
+    items = list(values)
     data: bytes | None
     try:
-        data = orjson.dumps(list(values))
+        data = orjson.dumps(items)
     except TypeError:  # orjson.JSONEncodeError
         data = None
     if data is not None and data.isascii() and b"\x7f" not in data:
         return data.decode()
-    return json.dumps(list(values), separators=(",", ":"))
+    return json.dumps(items, separators=(",", ":"))

@@ -47,8 +47,8 @@ PLATELETS_MIN_PER_UL = 25000.0
 HEMOGLOBIN_MIN_G_DL = 8.0
 
 
-# Options and Context are built on every call: written __init__s (init=False), native code when compiled
-# (cards/model.py says why).
+# Options and Context, built on every call, spell out their __init__ (init=False): native constructors, see
+# cards/model.py above Coding.
 @dataclass(frozen=True, init=False)
 class Options:
     dosing_weight: Literal["actual", "adjusted"]
