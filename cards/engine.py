@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from cards.facts import build_facts
 from cards.fhir_in import concept_memo
@@ -18,6 +18,10 @@ from cards.orders import cmv_drug
 from cards.rules.common import Context, Options
 from cards.rules.precedence import run_rules
 
+# The product options' defaults, written once for the fields and the constructor below.
+DEFAULT_DOSING_WEIGHT: Final = "actual"  # docs/policy.md §4: actual body weight
+DEFAULT_HIGH_VIRAL_LOAD_IU_ML: Final = 100000.0  # docs/policy.md §9: institutional default
+
 
 # ClinicalOptions and HookRequest, built on every call, spell out their __init__ (init=False): native constructors,
 # see cards/model.py above Coding.
@@ -25,11 +29,13 @@ from cards.rules.precedence import run_rules
 class ClinicalOptions:
     """Product options (docs/policy.md §4 dosing weight; §9 viral-load threshold)."""
 
-    dosing_weight: Literal["actual", "adjusted"] = "actual"
-    high_viral_load_iu_ml: float = 100000.0  # docs/policy.md §9 default
+    dosing_weight: Literal["actual", "adjusted"] = DEFAULT_DOSING_WEIGHT
+    high_viral_load_iu_ml: float = DEFAULT_HIGH_VIRAL_LOAD_IU_ML
 
     def __init__(
-        self, dosing_weight: Literal["actual", "adjusted"] = "actual", high_viral_load_iu_ml: float = 100000.0
+        self,
+        dosing_weight: Literal["actual", "adjusted"] = DEFAULT_DOSING_WEIGHT,
+        high_viral_load_iu_ml: float = DEFAULT_HIGH_VIRAL_LOAD_IU_ML,
     ) -> None:
         object.__setattr__(self, "dosing_weight", dosing_weight)
         object.__setattr__(self, "high_viral_load_iu_ml", high_viral_load_iu_ml)
