@@ -201,7 +201,7 @@ class MedicationResolver:
             return
 
         def read(ident: str) -> tuple[str, Mapping[str, Any] | str]:
-            with fhir_session() as session, metrics.fhir_fetch_timer(METRIC_KEY):
+            with metrics.fhir_fetch_timer(METRIC_KEY):
                 try:
                     found = server.get_json(server.url_for(f"Medication/{ident}"), session)
                 except FhirFetchError as exc:
@@ -213,11 +213,12 @@ class MedicationResolver:
                 return ident, "fhirServer answered with something other than that Medication"
             return ident, found
 
-        if len(ids) == 1:
-            results = [read(ids[0])]
-        else:
-            with ThreadPoolExecutor(max_workers=min(self._max_workers, len(ids))) as pool:
-                results = list(pool.map(read, ids))
+        with fhir_session() as session:  # one for these reads' threads (service.fhir_client.fhir_session)
+            if len(ids) == 1:
+                results = [read(ids[0])]
+            else:
+                with ThreadPoolExecutor(max_workers=min(self._max_workers, len(ids))) as pool:
+                    results = list(pool.map(read, ids))
         for ident, result in results:
             if isinstance(result, str):
                 self._failures[ident] = result

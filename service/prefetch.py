@@ -165,10 +165,11 @@ def _fetch_all(
 ) -> dict[str, list[dict[str, Any]]]:
     """Fetch every key in parallel, awaited no longer than the budget; 412 when any key cannot be obtained."""
     started = time.monotonic()
+    session = fhir_session()  # one for the call's fetch threads (service.fhir_client.fhir_session)
 
     def fetch(item: tuple[PrefetchTemplate, str | None]) -> list[dict[str, Any]]:
         template, next_url = item
-        with fhir_session() as session, metrics.fhir_fetch_timer(template.key):
+        with metrics.fhir_fetch_timer(template.key):
             try:
                 if next_url is not None:
                     # Further pages of a paginated prefetch Bundle (links are checked to stay on fhirServer).
@@ -194,6 +195,7 @@ def _fetch_all(
     finally:
         # Never wait for a thread stuck where the watchdog cannot reach (a DNS lookup): it ends on its own.
         pool.shutdown(wait=False, cancel_futures=True)
+        session.close()
 
     fetched: dict[str, list[dict[str, Any]]] = {}
     late: list[str] = []

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import responses
+from responses import matchers
 
 from service.fhir_client import FetchBudget, FhirServer, environment_settings, fhir_session
 
@@ -95,3 +97,50 @@ def test_no_proxy_with_a_port_is_decided_per_url_as_written(monkeypatch: pytest.
     written_without_port, written_with_port = (sent.req_kwargs["proxies"] for sent in requests_sent)
     assert written_without_port.get("https") == "http://proxy.hospital.internal:3128"
     assert not written_with_port.get("https")
+
+
+def test_no_cookie_is_kept_or_sent_between_reads() -> None:
+    """The FHIR server is called with the client's bearer token only: a cookie it sets (a load balancer's, a
+    session id) is neither kept nor sent with the next page or the next read of the same hook call, whose reads
+    share one session (service.fhir_client.fhir_session)."""
+    server = FhirServer(BASE, "client-token", 5.0, 1_000_000, 5, FetchBudget(5.0))
+    first_page = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "link": [{"relation": "next", "url": f"{BASE}/Observation?patient=p1&page=2"}],
+        "entry": [{"resource": {"resourceType": "Observation", "id": "o1"}}],
+    }
+    last_page = {"resourceType": "Bundle", "type": "searchset", "entry": []}
+    with responses.RequestsMock() as mock:
+        mock.get(
+            f"{BASE}/Observation",
+            json=first_page,
+            headers={"Set-Cookie": "AWSALB=sticky-node-3; Path=/"},
+            match=[matchers.query_param_matcher({"patient": "p1"})],
+        )
+        mock.get(
+            f"{BASE}/Observation", json=last_page, match=[matchers.query_param_matcher({"patient": "p1", "page": "2"})]
+        )
+        mock.get(f"{BASE}/Patient/p1", json=PATIENT)
+        with fhir_session() as session:
+            found = server.search(f"{BASE}/Observation?patient=p1", session)
+            assert server.get_json(f"{BASE}/Patient/p1", session) == PATIENT
+            assert not list(session.cookies)
+        sent = [call.request.headers.get("Cookie") for call in mock.calls]
+    assert [resource["id"] for resource in found] == ["o1"]
+    assert sent == [None, None, None]
+
+
+def test_a_callers_session_contributes_no_cookie_or_header() -> None:
+    """A caller's own session (not fhir_session) lends only its transport: its cookies and default headers are not
+    sent to the FHIR server."""
+    server = FhirServer(BASE, "client-token", 5.0, 1_000_000, 5, FetchBudget(5.0))
+    with responses.RequestsMock() as mock, requests.Session() as session:
+        mock.get(f"{BASE}/Patient/p1", json=PATIENT)
+        session.cookies.set("JSESSIONID", "someone-elses", domain="ehr.example.org")
+        session.headers["X-Api-Key"] = "not-for-the-fhir-server"
+        assert server.get_json(f"{BASE}/Patient/p1", session) == PATIENT
+        (call,) = mock.calls
+    assert "Cookie" not in call.request.headers
+    assert "X-Api-Key" not in call.request.headers
+    assert call.request.headers["Authorization"] == "Bearer client-token"
