@@ -33,7 +33,6 @@ import dataclasses
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from cards.model import Card
@@ -41,7 +40,8 @@ from service import metrics
 from service.bundles import bundle_resources
 from service.draft_orders import read_medication_request, reference_parts
 from service.errors import PreconditionFailed
-from service.fhir_client import FhirFetchError, FhirServer, fhir_session
+from service.fetch_pool import run_within_budget
+from service.fhir_client import FhirDeadlineExceeded, FhirFetchError, FhirServer, fhir_session
 
 log = logging.getLogger("cmv_cds.medications")
 
@@ -200,26 +200,29 @@ class MedicationResolver:
             self._failures.update(dict.fromkeys(ids, server))
             return
 
-        def read(ident: str) -> tuple[str, Mapping[str, Any] | str]:
+        def read(ident: str) -> Mapping[str, Any] | str:
             with metrics.fhir_fetch_timer(METRIC_KEY):
                 try:
                     found = server.get_json(server.url_for(f"Medication/{ident}"), session)
                 except FhirFetchError as exc:
                     metrics.count_fhir_fetch_error(METRIC_KEY, exc)
-                    return ident, f"reading it from fhirServer failed: {exc}"
+                    return f"reading it from fhirServer failed: {exc}"
             if found is None:
-                return ident, "fhirServer has no such Medication"
+                return "fhirServer has no such Medication"
             if found.get("resourceType") != "Medication" or found.get("id") != ident:
-                return ident, "fhirServer answered with something other than that Medication"
-            return ident, found
+                return "fhirServer answered with something other than that Medication"
+            return found
 
         with fhir_session() as session:  # one for these reads' threads (service.fhir_client.fhir_session)
-            if len(ids) == 1:
-                results = [read(ids[0])]
-            else:
-                with ThreadPoolExecutor(max_workers=min(self._max_workers, len(ids))) as pool:
-                    results = list(pool.map(read, ids))
-        for ident, result in results:
+            futures = run_within_budget(read, ids, self._max_workers, server.budget)
+        for ident, future in zip(ids, futures, strict=True):
+            if future.done() and not future.cancelled():
+                result = future.result()
+            else:  # still blocked after the budget, or never started: a running read counts itself when it ends
+                late = FhirDeadlineExceeded()
+                if future.cancelled():
+                    metrics.count_fhir_fetch_error(METRIC_KEY, late)
+                result = f"reading it from fhirServer failed: {late}"
             if isinstance(result, str):
                 self._failures[ident] = result
             else:

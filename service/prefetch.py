@@ -22,7 +22,7 @@ import logging
 import re
 import time
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from service import metrics
 from service.bundles import bundle_resources, next_link
 from service.config import Settings
 from service.errors import InvalidRequest, PreconditionFailed
+from service.fetch_pool import run_within_budget
 from service.fhir_client import (
     FetchBudget,
     FhirAccessPolicy,
@@ -40,10 +41,6 @@ from service.fhir_client import (
 )
 
 log = logging.getLogger("cmv_cds.prefetch")
-
-# After the budget, how long the pool is still awaited: the watchdog has shut every socket down by then, so the
-# fetch threads return within milliseconds; this covers the thread switch, not the network.
-_POOL_GRACE_SECONDS = 0.25
 
 _TOKEN = re.compile(r"\{\{\s*([A-Za-z.]+)\s*\}\}")
 _USER_TOKENS = {
@@ -184,17 +181,9 @@ def _fetch_all(
                 log.warning("prefetch fetch failed", extra={"prefetch_key": template.key, "reason": str(exc)})
                 raise
 
-    # A pool even for one key: the request thread waits with a limit, so nothing can hold it past the budget.
-    pool = ThreadPoolExecutor(max_workers=min(max_workers, len(to_fetch)), thread_name_prefix="cmv-cds-fetch")
     try:
-        futures = [pool.submit(fetch, item) for item in to_fetch]
-        _, pending = wait(futures, timeout=max(0.0, server.budget.remaining()))
-        if pending:
-            server.budget.expire()  # ends every read still blocked
-            wait(pending, timeout=_POOL_GRACE_SECONDS)
+        futures = run_within_budget(fetch, to_fetch, max_workers, server.budget)
     finally:
-        # Never wait for a thread stuck where the watchdog cannot reach (a DNS lookup): it ends on its own.
-        pool.shutdown(wait=False, cancel_futures=True)
         session.close()
 
     fetched: dict[str, list[dict[str, Any]]] = {}

@@ -17,6 +17,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from service.app import create_app
+from service.config import Settings
+from service.fetch_pool import fetch_pool
 from service.fhir_client import FetchBudget, FhirDeadlineExceeded, FhirServer, fhir_session
 
 DEADLINE_SECONDS = 1.5
@@ -45,8 +47,19 @@ def app(tmp_path: Path) -> Iterator[Flask]:
     application.extensions["cmv_cds"]["store"].dispose()
 
 
-def fetch_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith(("cmv-cds-fetch", "cmv-cds-fhir-deadline"))]
+def watchdogs() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("cmv-cds-fhir-deadline")]
+
+
+def fetch_threads_all_free(max_workers: int = Settings().fhir_max_workers) -> bool:
+    """Whether every thread of the process's fetch pool (service.fetch_pool) is free: as many tasks as it has
+    threads meet at a barrier, which only happens when none of them is still held by a read."""
+    barrier = threading.Barrier(max_workers, timeout=0.5)
+    futures = [fetch_pool(max_workers).submit(barrier.wait) for _ in range(max_workers)]
+    try:
+        return sorted(future.result(timeout=1.0) for future in futures) == list(range(max_workers))
+    except (threading.BrokenBarrierError, TimeoutError):
+        return False
 
 
 @pytest.mark.parametrize("mode", ["slow-body", "slow-headers", "silent", "sleep"])
@@ -64,11 +77,12 @@ def test_a_slow_server_is_a_412_within_the_budget(
     assert issue["code"] == "incomplete"
     assert "did not answer within the request's budget of 1.5 s" in issue["diagnostics"]
     assert "not obtained: conditions, labs" in issue["diagnostics"]
-    # Nothing is left blocking: the fetch threads and the watchdog end with the call.
+    # Nothing is left blocking: the watchdog ends with the call, and every fetch thread is free again.
     deadline = time.monotonic() + 1.0
-    while fetch_threads() and time.monotonic() < deadline:
+    while watchdogs() and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert fetch_threads() == []
+    assert watchdogs() == []
+    assert fetch_threads_all_free()
 
 
 def test_the_worker_is_free_for_the_next_call(client: FlaskClient, servers: tuple[FaultServer, FaultServer]) -> None:

@@ -1,0 +1,78 @@
+"""The worker process's FHIR fetch threads, kept from one hook call to the next.
+
+A hook call that fetches (prefetch keys the client did not satisfy, Medication reads) runs its reads in parallel.
+It used to start a thread per read: about 0.2 ms of CPU each on the benchmark machine (bench/README.md, round 9),
+paid one after the other before the call's last request could leave. The threads are now started once per
+process, on first use (so after gunicorn's fork; a forked child starts its own), and shared by every call of the
+process: ``CMV_CDS_FHIR_MAX_WORKERS`` of them, which with gunicorn's sync workers (one call at a time) is the
+call's parallelism, as before.
+
+Bounded, where the thread per read was not: a thread stuck where the FHIR budget's watchdog cannot reach it (a
+DNS lookup, ``service.fhir_client``) keeps its place until the lookup ends, and the other threads serve meanwhile.
+A call whose reads cannot start within its budget waits no longer than the budget and cancels them, so no read
+waits in the queue past its call (``prefetch._fetch_all`` answers 412 naming the keys, and counts them).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import TypeVar
+
+from service.fhir_client import FetchBudget
+
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+
+# After the budget, how long the reads are still awaited: the watchdog has shut every socket down by then, so the
+# threads return within milliseconds; this covers the thread switch, not the network.
+GRACE_SECONDS = 0.25
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_lock = threading.Lock()
+
+
+def fetch_pool(max_workers: int) -> ThreadPoolExecutor:
+    """The process's pool of ``max_workers`` FHIR fetch threads, created on first use. Callers never shut it down;
+    they cancel their own reads that have not started (``Future.cancel``)."""
+    pool = _pools.get(max_workers)
+    if pool is None:
+        with _lock:
+            pool = _pools.get(max_workers)
+            if pool is None:
+                pool = _pools[max_workers] = ThreadPoolExecutor(max_workers, thread_name_prefix="cmv-cds-fetch")
+    return pool
+
+
+def run_within_budget(
+    read: Callable[[_Item], _Result], items: Iterable[_Item], max_workers: int, budget: FetchBudget
+) -> list[Future[_Result]]:
+    """``read`` every item on the process's fetch threads, in parallel; return their futures once all are done, or
+    once the budget is spent: its watchdog then ends the reads still blocked (``GRACE_SECONDS`` more), and those
+    that never started (the threads busy past the budget) are cancelled, so none runs after its call. Even one
+    read goes to a thread, so that nothing holds the request thread past the budget."""
+    futures: list[Future[_Result]] = []
+    try:
+        pool = fetch_pool(max_workers)
+        futures.extend(pool.submit(read, item) for item in items)
+        _, pending = wait(futures, timeout=max(0.0, budget.remaining()))
+        if pending:
+            budget.expire()
+            wait(pending, timeout=GRACE_SECONDS)
+    finally:
+        # Never wait for a thread stuck where the watchdog cannot reach (a DNS lookup): it ends on its own.
+        for future in futures:
+            future.cancel()
+    return futures
+
+
+def _forget_after_fork() -> None:
+    # A forked child has none of its parent's threads: a pool it inherited would queue reads that no thread runs.
+    global _lock
+    _pools.clear()
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
