@@ -191,7 +191,8 @@ def first_requests(
 
 
 def _single_round_trips(stub: RemoteStub, repeats: int) -> dict[str, float]:
-    """Median seconds per prefetch query, each GET on a new requests.Session as the service does."""
+    """Median seconds per prefetch query, each GET on a new requests.Session and connection, as a call with one key
+    makes it."""
     medians = {}
     for key in stub.queries:
         times = []

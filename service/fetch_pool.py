@@ -7,10 +7,12 @@ process, on first use (so after gunicorn's fork; a forked child starts its own),
 process: ``CMV_CDS_FHIR_MAX_WORKERS`` of them, which with gunicorn's sync workers (one call at a time) is the
 call's parallelism, as before.
 
-Bounded, where the thread per read was not: a thread stuck where the FHIR budget's watchdog cannot reach it (a
-DNS lookup, ``service.fhir_client``) keeps its place until the lookup ends, and the other threads serve meanwhile.
-A call whose reads cannot start within its budget waits no longer than the budget and cancels them, so no read
-waits in the queue past its call (``prefetch._fetch_all`` answers 412 naming the keys, and counts them).
+A read the FHIR budget's watchdog cannot end (a DNS lookup, ``service.fhir_client``) outlives its call: the
+call then retires its pool, and the next call starts a new one, so that no call waits for another's stuck read
+(one EHR's DNS failure must not take the FHIR reads of every other caller of the worker down with it). The old
+pool's threads end with their reads, as the threads per call did. A call whose reads cannot start within its
+budget cancels them, so no read runs after its call (``prefetch._fetch_all`` answers 412 naming the keys, and
+counts them).
 """
 
 from __future__ import annotations
@@ -65,7 +67,18 @@ def run_within_budget(
         # Never wait for a thread stuck where the watchdog cannot reach (a DNS lookup): it ends on its own.
         for future in futures:
             future.cancel()
+        if not all(future.done() for future in futures):
+            _retire(max_workers)
     return futures
+
+
+def _retire(max_workers: int) -> None:
+    """A read outlived its call: its pool is replaced, so that the next call does not wait for the stuck thread;
+    the old pool's other threads end at once, the stuck one when its read does."""
+    with _lock:
+        pool = _pools.pop(max_workers, None)
+    if pool is not None:
+        pool.shutdown(wait=False)
 
 
 def _forget_after_fork() -> None:

@@ -34,6 +34,14 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from service.bundles import bundle_resources, next_link
 
 FHIR_JSON = "application/fhir+json"
+# What a requests session sends by default (compressed bodies accepted: FHIR JSON compresses several-fold), with
+# FHIR's media type; get_json's requests are prepared without a session, so they are written out here.
+_HEADERS = {
+    "User-Agent": requests.utils.default_user_agent(),
+    "Accept-Encoding": requests.utils.DEFAULT_ACCEPT_ENCODING,
+    "Accept": FHIR_JSON,
+    "Connection": "keep-alive",
+}
 
 
 class FhirFetchError(Exception):
@@ -50,7 +58,7 @@ class FhirDeadlineExceeded(FhirFetchError):
 class FetchBudget:
     """The wall-clock budget of all FHIR reads of one hook call (see the module docstring).
 
-    ``remaining()`` is what is left; ``expire()`` ends it early (the prefetch pool, when it stops waiting);
+    ``remaining()`` is what is left; ``expire()`` ends it early (``service.fetch_pool``, when it stops waiting);
     ``close()`` releases the watchdog when the call is done. Thread-safe: the reads of one call run in parallel.
     """
 
@@ -165,26 +173,43 @@ class _WatchedHTTPSConnectionPool(_WatchedReusedConnection, HTTPSConnectionPool)
     ConnectionCls = _WatchedHTTPSConnection
 
 
+_WATCHED_POOLS = {"http": _WatchedHTTPConnectionPool, "https": _WatchedHTTPSConnectionPool}
+
+
 class WatchedAdapter(HTTPAdapter):
-    """requests' adapter whose connections register with the current ``FetchBudget`` (``FetchBudget.bound``)."""
+    """requests' adapter whose connections register with the current ``FetchBudget`` (``FetchBudget.bound``),
+    directly or through an HTTP(S) proxy (``HTTPS_PROXY``; a SOCKS proxy's connections are not watched)."""
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {
-            "http": _WatchedHTTPConnectionPool,
-            "https": _WatchedHTTPSConnectionPool,
-        }
+        self.poolmanager.pool_classes_by_scheme = dict(_WATCHED_POOLS)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if not proxy.lower().startswith("socks"):  # urllib3's SOCKS manager has pool classes of its own
+            manager.pool_classes_by_scheme = dict(_WATCHED_POOLS)
+        return manager
 
 
-def fhir_session() -> requests.Session:
+class _FhirSession(requests.Session):
+    def get_redirect_target(self, resp: requests.Response) -> str | None:
+        # Redirects are never followed (a 3xx is an error, service.fhir_client.FhirServer.get_json). Without this,
+        # Session.send would still prepare the next request of a 3xx, reading its whole body, with no cap.
+        return None
+
+
+def fhir_session(max_connections: int = 10) -> requests.Session:
     """A requests session whose connections honour the budget of the ``FhirServer`` using it, and which keeps no
-    cookies. One session serves every read of a hook call, from all its fetch threads: ``get_json`` sends
-    requests prepared on their own (``Session.send``), so the session contributes only its adapters, whose
-    urllib3 pools are thread-safe, and never its cookies, headers or ``~/.netrc`` credentials."""
-    session = requests.Session()
+    cookies and reads nothing from the environment. One such session serves every read of a hook call, from all
+    its fetch threads (``max_connections`` of them kept open at most): ``get_json`` sends requests prepared on
+    their own (``Session.send``), so the session contributes only its adapters, whose urllib3 pools are
+    thread-safe, never cookies, headers or ``~/.netrc`` credentials. Share only sessions made here: ``get_json``
+    mounts an adapter on any other session it is given."""
+    session = _FhirSession()
+    session.trust_env = False
     session.cookies.set_policy(_NO_COOKIES)
-    session.mount("https://", WatchedAdapter())
-    session.mount("http://", WatchedAdapter())
+    session.mount("https://", WatchedAdapter(pool_maxsize=max_connections))
+    session.mount("http://", WatchedAdapter(pool_maxsize=max_connections))
     return session
 
 
@@ -241,7 +266,7 @@ class FhirServer:
         remaining = self.budget.remaining()
         if remaining <= 0 or self.budget.expired:
             raise FhirDeadlineExceeded()
-        headers = {"Accept": FHIR_JSON}
+        headers = dict(_HEADERS)
         if self.access_token:
             headers["Authorization"] = f"Bearer {self.access_token}"
         if not isinstance(session.get_adapter(url), WatchedAdapter):

@@ -213,7 +213,7 @@ class MedicationResolver:
                 return "fhirServer answered with something other than that Medication"
             return found
 
-        with fhir_session() as session:  # one for these reads' threads (service.fhir_client.fhir_session)
+        with fhir_session(self._max_workers) as session:  # one for these reads' threads (fhir_session)
             futures = run_within_budget(read, ids, self._max_workers, server.budget)
         for ident, future in zip(ids, futures, strict=True):
             if future.done() and not future.cancelled():

@@ -162,7 +162,7 @@ def _fetch_all(
 ) -> dict[str, list[dict[str, Any]]]:
     """Fetch every key in parallel, awaited no longer than the budget; 412 when any key cannot be obtained."""
     started = time.monotonic()
-    session = fhir_session()  # one for the call's fetch threads (service.fhir_client.fhir_session)
+    session = fhir_session(max_workers)  # one for the call's fetch threads (service.fhir_client.fhir_session)
 
     def fetch(item: tuple[PrefetchTemplate, str | None]) -> list[dict[str, Any]]:
         template, next_url = item

@@ -17,13 +17,13 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from service.app import create_app
-from service.config import Settings
 from service.fetch_pool import fetch_pool
 from service.fhir_client import FetchBudget, FhirDeadlineExceeded, FhirServer, fhir_session
 
 DEADLINE_SECONDS = 1.5
 # The per-read timeout is longer than the budget: a byte every second never trips it, the budget must.
 READ_TIMEOUT_SECONDS = 5.0
+FETCH_THREADS = 4  # the app's fetch pool (service.fetch_pool), set here whatever CMV_CDS_FHIR_MAX_WORKERS says
 URL = "/cds-services/cmv-antiviral-order-select"
 
 
@@ -41,6 +41,7 @@ def app(tmp_path: Path) -> Iterator[Flask]:
             "database_url": f"sqlite:///{tmp_path / 'feedback.sqlite3'}",
             "fhir_deadline_seconds": DEADLINE_SECONDS,
             "fhir_timeout_seconds": READ_TIMEOUT_SECONDS,
+            "fhir_max_workers": FETCH_THREADS,
         }
     )
     yield application
@@ -51,7 +52,7 @@ def watchdogs() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("cmv-cds-fhir-deadline")]
 
 
-def fetch_threads_all_free(max_workers: int = Settings().fhir_max_workers) -> bool:
+def fetch_threads_all_free(max_workers: int = FETCH_THREADS) -> bool:
     """Whether every thread of the process's fetch pool (service.fetch_pool) is free: as many tasks as it has
     threads meet at a barrier, which only happens when none of them is still held by a read."""
     barrier = threading.Barrier(max_workers, timeout=0.5)

@@ -4,6 +4,10 @@ replace the CDS client's bearer token."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,9 +15,17 @@ from typing import Any
 import pytest
 import requests
 import responses
+from processes import LOOPBACK
 from responses import matchers
 
-from service.fhir_client import FetchBudget, FhirServer, environment_settings, fhir_session
+from service.fhir_client import (
+    FetchBudget,
+    FhirDeadlineExceeded,
+    FhirFetchError,
+    FhirServer,
+    environment_settings,
+    fhir_session,
+)
 
 BASE = "https://ehr.example.org/fhir"
 PATIENT = {"resourceType": "Patient", "id": "p1"}
@@ -144,3 +156,63 @@ def test_a_callers_session_contributes_no_cookie_or_header() -> None:
     assert "Cookie" not in call.request.headers
     assert "X-Api-Key" not in call.request.headers
     assert call.request.headers["Authorization"] == "Bearer client-token"
+
+
+def test_reads_accept_compressed_bodies_and_name_their_client() -> None:
+    """What a requests session sends by default, though the reads are prepared without one: FHIR JSON compresses
+    several-fold, and a slow link to the EHR should carry it compressed."""
+    sent = _read().headers
+    assert "gzip" in sent["Accept-Encoding"]
+    assert sent["Accept"] == "application/fhir+json"
+    assert sent["User-Agent"].startswith("python-requests/")
+
+
+def test_a_redirect_is_an_error_and_nothing_of_it_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 3xx is refused without preparing its next request: requests would read the whole body of the 3xx (no cap)
+    and look up ~/.netrc credentials for the target."""
+
+    def no_netrc(*_: Any, **__: Any) -> None:
+        raise AssertionError("~/.netrc was consulted")
+
+    monkeypatch.setattr(requests.sessions, "get_netrc_auth", no_netrc)
+    server = FhirServer(BASE, "client-token", 5.0, 1_000_000, 5, FetchBudget(5.0))
+    with responses.RequestsMock() as mock, fhir_session() as session:
+        mock.get(f"{BASE}/Patient/p1", status=302, headers={"Location": "https://elsewhere.example.com/Patient/p1"})
+        with pytest.raises(FhirFetchError, match="answered HTTP 302"):
+            server.get_json(f"{BASE}/Patient/p1", session)
+        assert len(mock.calls) == 1
+
+
+def test_a_read_through_a_proxy_ends_by_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget's watchdog reaches connections made through an HTTP proxy too: a proxy that sends its answer a
+    byte every 0.2 s (no read ever times out) is cut off when the budget (1 s) ends, not after the 100 bytes."""
+    listener = socket.create_server((LOOPBACK, 0))
+    held: list[socket.socket] = []
+
+    def dribble(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 100\r\n\r\n")
+            for _ in range(100):
+                conn.sendall(b" ")
+                time.sleep(0.2)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(listener.accept()[0])
+                threading.Thread(target=dribble, args=(held[-1],), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    monkeypatch.setenv("HTTP_PROXY", f"http://{LOOPBACK}:{listener.getsockname()[1]}")
+    server = FhirServer("http://ehr.example.org/fhir", None, 5.0, 1_000_000, 5, FetchBudget(1.0))
+    started = time.monotonic()
+    try:
+        with fhir_session() as session, pytest.raises(FhirDeadlineExceeded):
+            server.get_json(server.url_for("Patient/p1"), session)
+        assert time.monotonic() - started < 2.5
+        assert held, "the read did not go through the proxy"
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
