@@ -277,7 +277,7 @@ class FhirServer:
         # Prepared on its own and sent with Session.send: requests merges nothing from the session or the
         # environment (no cookies, no ~/.netrc, whose Basic credentials would replace the client's bearer token);
         # the proxies and CA bundle come from environment_settings. It also skips requests' per-call merging, a
-        # third of the CPU of a read (bench/README.md, round 9), which the parallel fetches of a call pay in turn.
+        # sixth of a read's instructions (bench/README.md, round 9), which a call's parallel fetches pay in turn.
         try:
             with (
                 self.budget.bound(),
