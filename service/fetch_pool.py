@@ -57,8 +57,7 @@ def run_within_budget(
     read goes to a thread, so that nothing holds the request thread past the budget."""
     futures: list[Future[_Result]] = []
     try:
-        pool = fetch_pool(max_workers)
-        futures.extend(pool.submit(read, item) for item in items)
+        futures.extend(_submit(read, item, max_workers) for item in items)
         _, pending = wait(futures, timeout=max(0.0, budget.remaining()))
         if pending:
             budget.expire()
@@ -70,6 +69,17 @@ def run_within_budget(
         if not all(future.done() for future in futures):
             _retire(max_workers)
     return futures
+
+
+def _submit(read: Callable[[_Item], _Result], item: _Item, max_workers: int) -> Future[_Result]:
+    while True:
+        pool = fetch_pool(max_workers)
+        try:
+            return pool.submit(read, item)
+        except RuntimeError:  # shut down
+            if _pools.get(max_workers) is pool:
+                raise  # by the interpreter's exit, not by _retire
+            # Another call (a threaded server's) retired this pool after it was looked up: use the new one.
 
 
 def _retire(max_workers: int) -> None:

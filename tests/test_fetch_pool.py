@@ -16,6 +16,7 @@ from fhir_fixtures import ganciclovir_draft as gcv_draft
 from flask.testing import FlaskClient
 from test_ehr_shapes import FHIR, REFERENCE_PATH, medication, request
 
+from service import fetch_pool as fetch_pool_module
 from service.app import create_app
 from service.fetch_pool import GRACE_SECONDS, fetch_pool, run_within_budget
 from service.fhir_client import FetchBudget
@@ -95,6 +96,17 @@ def test_a_forked_child_starts_threads_of_its_own() -> None:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_call_that_took_a_pool_just_retired_by_another_call_uses_the_new_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a threaded server, one call can look the pool up just before another retires it (a stuck read)."""
+    retired = fetch_pool(5)
+    fetch_pool_module._retire(5)
+    lookups = iter([retired])
+    monkeypatch.setattr(fetch_pool_module, "fetch_pool", lambda n: next(lookups, None) or fetch_pool(n))
+    assert [future.result() for future in run_within_budget(str, [1, 2], 5, FetchBudget(2.0))] == ["1", "2"]
 
 
 def test_the_pool_has_as_many_threads_as_asked() -> None:
