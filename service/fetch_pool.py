@@ -56,8 +56,12 @@ def run_within_budget(
     that never started (the threads busy past the budget) are cancelled, so none runs after its call. Even one
     read goes to a thread, so that nothing holds the request thread past the budget."""
     futures: list[Future[_Result]] = []
+    pools: list[ThreadPoolExecutor] = []  # the pool each read went to
     try:
-        futures.extend(_submit(read, item, max_workers) for item in items)
+        for item in items:
+            pool, future = _submit(read, item, max_workers)
+            pools.append(pool)
+            futures.append(future)
         _, pending = wait(futures, timeout=max(0.0, budget.remaining()))
         if pending:
             budget.expire()
@@ -66,29 +70,32 @@ def run_within_budget(
         # Never wait for a thread stuck where the watchdog cannot reach (a DNS lookup): it ends on its own.
         for future in futures:
             future.cancel()
-        if not all(future.done() for future in futures):
-            _retire(max_workers)
+        for pool in {pool for pool, future in zip(pools, futures, strict=True) if not future.done()}:
+            _retire(max_workers, pool)
     return futures
 
 
-def _submit(read: Callable[[_Item], _Result], item: _Item, max_workers: int) -> Future[_Result]:
+def _submit(
+    read: Callable[[_Item], _Result], item: _Item, max_workers: int
+) -> tuple[ThreadPoolExecutor, Future[_Result]]:
     while True:
         pool = fetch_pool(max_workers)
         try:
-            return pool.submit(read, item)
-        except RuntimeError:  # shut down
+            return pool, pool.submit(read, item)
+        except RuntimeError:  # shut down, or no thread could be started
             if _pools.get(max_workers) is pool:
-                raise  # by the interpreter's exit, not by _retire
+                raise  # not by _retire: the interpreter's exit, or the process out of threads
             # Another call (a threaded server's) retired this pool after it was looked up: use the new one.
 
 
-def _retire(max_workers: int) -> None:
-    """A read outlived its call: its pool is replaced, so that the next call does not wait for the stuck thread;
-    the old pool's other threads end at once, the stuck one when its read does."""
+def _retire(max_workers: int, pool: ThreadPoolExecutor) -> None:
+    """A read outlived its call in ``pool``: the pool is replaced (if it is still the current one), so that the next
+    call does not wait for the stuck thread. Its other threads end once they have run what is queued there; the
+    stuck one when its read does."""
     with _lock:
-        pool = _pools.pop(max_workers, None)
-    if pool is not None:
-        pool.shutdown(wait=False)
+        if _pools.get(max_workers) is pool:
+            del _pools[max_workers]
+    pool.shutdown(wait=False)
 
 
 def _forget_after_fork() -> None:

@@ -81,17 +81,27 @@ class FetchBudget:
         return self._expired or self.remaining() <= 0
 
     def watch(self, sock: socket.socket) -> None:
-        """Shut ``sock`` down when the budget runs out (at once if it already has)."""
+        """Shut ``sock``'s connection down when the budget runs out (at once if it already has).
+
+        What is kept is a duplicate of its file descriptor: TLS takes a new socket over from the one urllib3
+        connected (``ssl.wrap_socket`` detaches it), so a watched plain socket would have no descriptor left by
+        the time the budget ran out, and an HTTPS read would go on past it. A shutdown through the duplicate ends
+        the connection both descriptors refer to. The duplicates are closed when the budget expires or closes."""
+        try:
+            duplicate = socket.fromfd(sock.fileno(), sock.family, sock.type)
+        except OSError:  # already closed: nothing left to end
+            return
         with self._lock:
             if not self._expired:
-                self._sockets.add(sock)
+                self._sockets.add(duplicate)
                 if self._timer is None:
                     self._timer = threading.Timer(max(0.0, self.remaining()), self.expire)
                     self._timer.name = "cmv-cds-fhir-deadline"
                     self._timer.daemon = True
                     self._timer.start()
                 return
-        _shut_down(sock)
+        _shut_down(duplicate)
+        duplicate.close()
 
     def expire(self) -> None:
         """End the budget now: every watched socket is shut down, blocked reads on it return."""
@@ -103,14 +113,18 @@ class FetchBudget:
             timer.cancel()
         for sock in sockets:
             _shut_down(sock)
+            sock.close()
 
     def close(self) -> None:
-        """The hook call is done with FHIR: stop the watchdog (the sockets are the sessions' to close)."""
+        """The hook call is done with FHIR: stop the watchdog and close its duplicate descriptors (the connections
+        themselves are the sessions' to close)."""
         with self._lock:
-            self._sockets.clear()
+            sockets, self._sockets = self._sockets, set()
             timer, self._timer = self._timer, None
         if timer is not None:
             timer.cancel()
+        for sock in sockets:
+            sock.close()
 
     @contextlib.contextmanager
     def bound(self) -> Iterator[None]:
@@ -124,8 +138,8 @@ class FetchBudget:
 
 
 def _shut_down(sock: socket.socket) -> None:
-    # socket.socket's own shutdown, also for an SSLSocket: no TLS close_notify exchange, just the file descriptor,
-    # which makes a recv blocked in another thread return at once.
+    # A plain socket's shutdown (the watched duplicates are plain, also for a TLS connection): no TLS close_notify
+    # exchange, just the connection, which makes a recv blocked in another thread return at once.
     with contextlib.suppress(OSError):
         socket.socket.shutdown(sock, socket.SHUT_RDWR)
 

@@ -103,7 +103,7 @@ def test_a_call_that_took_a_pool_just_retired_by_another_call_uses_the_new_one(
 ) -> None:
     """With a threaded server, one call can look the pool up just before another retires it (a stuck read)."""
     retired = fetch_pool(5)
-    fetch_pool_module._retire(5)
+    fetch_pool_module._retire(5, retired)
     lookups = iter([retired])
     monkeypatch.setattr(fetch_pool_module, "fetch_pool", lambda n: next(lookups, None) or fetch_pool(n))
     assert [future.result() for future in run_within_budget(str, [1, 2], 5, FetchBudget(2.0))] == ["1", "2"]

@@ -5,7 +5,10 @@ replace the CDS client's bearer token."""
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import ipaddress
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +18,10 @@ from typing import Any
 import pytest
 import requests
 import responses
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from processes import LOOPBACK
 from responses import matchers
 
@@ -213,6 +220,72 @@ def test_a_read_through_a_proxy_ends_by_the_budget(monkeypatch: pytest.MonkeyPat
         assert time.monotonic() - started < 2.5
         assert held, "the read did not go through the proxy"
     finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, written to ``directory``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, LOOPBACK)])
+    now = dt.datetime.now(dt.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(LOOPBACK))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "fhir-cert.pem", directory / "fhir-key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+def test_an_https_read_ends_by_the_budget(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Over TLS too: a server that sends its answer a byte every 0.2 s is cut off when the budget (1 s) ends. (TLS
+    takes the connected socket over, so the watchdog must hold the connection by a descriptor of its own.)"""
+    cert_path, key_path = _self_signed(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_path, key_path)
+    listener = socket.create_server((LOOPBACK, 0))
+    held: list[socket.socket] = []
+
+    def dribble(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True) as tls:
+            tls.recv(65536)
+            tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 100\r\n\r\n")
+            for _ in range(100):
+                tls.sendall(b" ")
+                time.sleep(0.2)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(listener.accept()[0])
+                threading.Thread(target=dribble, args=(held[-1],), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert_path))
+    base = f"https://{LOOPBACK}:{listener.getsockname()[1]}/fhir"
+    budget = FetchBudget(1.0)
+    server = FhirServer(base, None, 5.0, 1_000_000, 5, budget)
+    started = time.monotonic()
+    try:
+        with fhir_session() as session, pytest.raises(FhirDeadlineExceeded):
+            server.get_json(server.url_for("Patient/p1"), session)
+        assert time.monotonic() - started < 2.5
+        assert held, "the read never reached the server"
+    finally:
+        budget.close()
         listener.close()
         for conn in held:
             conn.close()
