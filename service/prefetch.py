@@ -162,7 +162,6 @@ def _fetch_all(
 ) -> dict[str, list[dict[str, Any]]]:
     """Fetch every key in parallel, awaited no longer than the budget; 412 when any key cannot be obtained."""
     started = time.monotonic()
-    session = fhir_session(max_workers)  # one for the call's fetch threads (service.fhir_client.fhir_session)
 
     def fetch(item: tuple[PrefetchTemplate, str | None]) -> list[dict[str, Any]]:
         template, next_url = item
@@ -181,10 +180,8 @@ def _fetch_all(
                 log.warning("prefetch fetch failed", extra={"prefetch_key": template.key, "reason": str(exc)})
                 raise
 
-    try:
+    with fhir_session(max_workers) as session:  # one for the call's fetch threads (service.fhir_client.fhir_session)
         futures = run_within_budget(fetch, to_fetch, max_workers, server.budget)
-    finally:
-        session.close()
 
     fetched: dict[str, list[dict[str, Any]]] = {}
     late: list[str] = []

@@ -190,18 +190,19 @@ def test_a_redirect_is_an_error_and_nothing_of_it_is_read(monkeypatch: pytest.Mo
         assert len(mock.calls) == 1
 
 
-def test_a_read_through_a_proxy_ends_by_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The budget's watchdog reaches connections made through an HTTP proxy too: a proxy that sends its answer a
-    byte every 0.2 s (no read ever times out) is cut off when the budget (1 s) ends, not after the 100 bytes."""
+@contextlib.contextmanager
+def _dribbling_server(tls: ssl.SSLContext | None = None) -> Iterator[tuple[int, list[socket.socket]]]:
+    """A loopback server (TLS with ``tls``) that answers any request with a 100-byte body sent a byte every 0.2 s,
+    so no read ever times out; yields its port and the connections it accepted."""
     listener = socket.create_server((LOOPBACK, 0))
     held: list[socket.socket] = []
 
     def dribble(conn: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 100\r\n\r\n")
+        with contextlib.suppress(OSError), tls.wrap_socket(conn, server_side=True) if tls else conn as stream:
+            stream.recv(65536)
+            stream.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 100\r\n\r\n")
             for _ in range(100):
-                conn.sendall(b" ")
+                stream.sendall(b" ")
                 time.sleep(0.2)
 
     def accept() -> None:
@@ -211,18 +212,29 @@ def test_a_read_through_a_proxy_ends_by_the_budget(monkeypatch: pytest.MonkeyPat
                 threading.Thread(target=dribble, args=(held[-1],), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
-    monkeypatch.setenv("HTTP_PROXY", f"http://{LOOPBACK}:{listener.getsockname()[1]}")
-    server = FhirServer("http://ehr.example.org/fhir", None, 5.0, 1_000_000, 5, FetchBudget(1.0))
-    started = time.monotonic()
     try:
-        with fhir_session() as session, pytest.raises(FhirDeadlineExceeded):
-            server.get_json(server.url_for("Patient/p1"), session)
-        assert time.monotonic() - started < 2.5
-        assert held, "the read did not go through the proxy"
+        yield listener.getsockname()[1], held
     finally:
         listener.close()
         for conn in held:
             conn.close()
+
+
+def _read_ends_by_the_budget(server: FhirServer) -> None:
+    """A read of Patient/p1 from a dribbling server ends with the budget (1 s), not after the 20 s of its body."""
+    started = time.monotonic()
+    with fhir_session() as session, pytest.raises(FhirDeadlineExceeded):
+        server.get_json(server.url_for("Patient/p1"), session)
+    assert time.monotonic() - started < 2.5
+
+
+def test_a_read_through_a_proxy_ends_by_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget's watchdog reaches connections made through an HTTP proxy too: a proxy that sends its answer a
+    byte every 0.2 s (no read ever times out) is cut off when the budget (1 s) ends, not after the 100 bytes."""
+    with _dribbling_server() as (port, held):
+        monkeypatch.setenv("HTTP_PROXY", f"http://{LOOPBACK}:{port}")
+        _read_ends_by_the_budget(FhirServer("http://ehr.example.org/fhir", None, 5.0, 1_000_000, 5, FetchBudget(1.0)))
+        assert held, "the read did not go through the proxy"
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:
@@ -257,36 +269,11 @@ def test_an_https_read_ends_by_the_budget(monkeypatch: pytest.MonkeyPatch, tmp_p
     cert_path, key_path = _self_signed(tmp_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_path, key_path)
-    listener = socket.create_server((LOOPBACK, 0))
-    held: list[socket.socket] = []
-
-    def dribble(conn: socket.socket) -> None:
-        with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True) as tls:
-            tls.recv(65536)
-            tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: 100\r\n\r\n")
-            for _ in range(100):
-                tls.sendall(b" ")
-                time.sleep(0.2)
-
-    def accept() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                held.append(listener.accept()[0])
-                threading.Thread(target=dribble, args=(held[-1],), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert_path))
-    base = f"https://{LOOPBACK}:{listener.getsockname()[1]}/fhir"
     budget = FetchBudget(1.0)
-    server = FhirServer(base, None, 5.0, 1_000_000, 5, budget)
-    started = time.monotonic()
-    try:
-        with fhir_session() as session, pytest.raises(FhirDeadlineExceeded):
-            server.get_json(server.url_for("Patient/p1"), session)
-        assert time.monotonic() - started < 2.5
+    with _dribbling_server(context) as (port, held):
+        try:
+            _read_ends_by_the_budget(FhirServer(f"https://{LOOPBACK}:{port}/fhir", None, 5.0, 1_000_000, 5, budget))
+        finally:
+            budget.close()
         assert held, "the read never reached the server"
-    finally:
-        budget.close()
-        listener.close()
-        for conn in held:
-            conn.close()
