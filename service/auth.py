@@ -4,9 +4,9 @@ The seam: when ``CMV_CDS_REQUIRE_AUTH`` is true, every request (discovery includ
 ``Authorization: Bearer <JWT>`` that the configured authenticator accepts. Failures are a 401 with a
 generic message and a ``WWW-Authenticate`` header; the reason goes to the log only.
 
-With ``CMV_CDS_TRUSTED_ISSUERS`` configured, the JWT is verified as the CDS Hooks best-practice list
-asks (cds-hooks.md §1.10), in this order, and nothing reaches the network before the issuer and the
-``jku`` are known to be trusted:
+With ``CMV_CDS_TRUSTED_ISSUERS`` configured, the JWT is verified as CDS Hooks 2.0.1 asks ("Security and Safety"
+→ "Trusting CDS Clients", https://cds-hooks.hl7.org/2.0.1/#trusting-cds-clients), in this order, and nothing
+reaches the network before the issuer and the ``jku`` are known to be trusted:
 
 1. header: ``alg`` in the issuer's allowed list (default ES384, RS384; ``none`` and HS* never),
    ``kid`` present, ``typ`` if present is ``JWT``, no ``crit``/``b64`` extensions;

@@ -24,7 +24,7 @@ from typing import Any, Final
 
 from service.config import ConfigError, Settings
 
-# Sync workers: the work is CPU-bound FHIR parsing (ecosystem.md §3); one request per worker at a time. Gunicorn's
+# Sync workers: the work is CPU-bound FHIR parsing (bench/README.md); one request per worker at a time. Gunicorn's
 # sync worker, plus a drain on SIGTERM (readiness off, then every queued connection answered before exit).
 worker_class: Final = "service.gunicorn_worker.DrainingSyncWorker"
 # Seconds a worker may be silent before the master kills and replaces it. The whole-request FHIR budget

@@ -57,7 +57,7 @@ def _fhir_schema() -> dict[str, Any] | None:
 def _validator(resource_type: str) -> jsonschema.Draft6Validator:
     schema = _fhir_schema()
     assert schema is not None
-    # Per-type $ref: ~1 ms per resource (validating through the root oneOf takes ~250 ms; ecosystem.md §1).
+    # Per-type $ref: ~1 ms per resource (validating through the root oneOf takes ~250 ms).
     return jsonschema.Draft6Validator({"$ref": f"#/definitions/{resource_type}", "definitions": schema["definitions"]})
 
 
