@@ -13,6 +13,8 @@ import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from cards.engine import DEFAULT_DOSING_WEIGHT, DEFAULT_HIGH_VIRAL_LOAD_IU_ML
+
 ENV_PREFIX = "CMV_CDS_"
 
 DosingWeight = Literal["actual", "adjusted"]
@@ -51,8 +53,8 @@ class Settings:
     # Request body cap in bytes (HTTP 413 above it).
     max_body_bytes: int = 2 * 1024 * 1024
     # Clinical options (docs/policy.md §4 and §9).
-    dosing_weight: DosingWeight = "actual"
-    high_viral_load_iu_ml: float = 100000.0  # docs/policy.md §9: institutional default 100000 IU/mL
+    dosing_weight: DosingWeight = DEFAULT_DOSING_WEIGHT
+    high_viral_load_iu_ml: float = DEFAULT_HIGH_VIRAL_LOAD_IU_ML
     log_level: str = "INFO"
     # Browser-based CDS clients (e.g. the CDS Hooks sandbox): comma-separated allowed origins, "*" for any.
     # Empty: no CORS headers are sent.
