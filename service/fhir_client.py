@@ -190,18 +190,28 @@ class _WatchedHTTPSConnectionPool(_WatchedReusedConnection, HTTPSConnectionPool)
 _WATCHED_POOLS = {"http": _WatchedHTTPConnectionPool, "https": _WatchedHTTPSConnectionPool}
 
 
+class SocksProxyRefused(requests.exceptions.InvalidProxyURL):
+    """A SOCKS proxy was named for a FHIR server: refused, since the budget could not end its connections."""
+
+
 class WatchedAdapter(HTTPAdapter):
     """requests' adapter whose connections register with the current ``FetchBudget`` (``FetchBudget.bound``),
-    directly or through an HTTP(S) proxy (``HTTPS_PROXY``; a SOCKS proxy's connections are not watched)."""
+    directly or through an HTTP(S) proxy (``HTTPS_PROXY``). A SOCKS proxy is refused (``SocksProxyRefused``): urllib3's
+    SOCKS manager builds connections of its own classes, which the budget's watchdog would not see, so a slow read
+    through one could outlast the hook call's FHIR budget."""
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = dict(_WATCHED_POOLS)
 
     def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        if proxy.lower().startswith("socks"):
+            raise SocksProxyRefused(
+                "a SOCKS proxy is configured for the FHIR server (ALL_PROXY/HTTPS_PROXY): not supported, since the "
+                "FHIR budget cannot end its connections; use an HTTP(S) proxy, or NO_PROXY for the FHIR host"
+            )
         manager = super().proxy_manager_for(proxy, **proxy_kwargs)
-        if not proxy.lower().startswith("socks"):  # urllib3's SOCKS manager has pool classes of its own
-            manager.pool_classes_by_scheme = dict(_WATCHED_POOLS)
+        manager.pool_classes_by_scheme = dict(_WATCHED_POOLS)
         return manager
 
 
@@ -309,6 +319,8 @@ class FhirServer:
                 if resp.status_code != 200:
                     raise FhirFetchError(f"FHIR server answered HTTP {resp.status_code}")
                 body = _read_capped(resp, self.max_response_bytes, self.budget)
+        except SocksProxyRefused as exc:
+            raise FhirFetchError(str(exc)) from None
         except requests.RequestException as exc:
             if self.budget.expired:
                 raise FhirDeadlineExceeded() from None

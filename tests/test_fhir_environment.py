@@ -237,6 +237,20 @@ def test_a_read_through_a_proxy_ends_by_the_budget(monkeypatch: pytest.MonkeyPat
         assert held, "the read did not go through the proxy"
 
 
+@pytest.mark.parametrize("variable", ["ALL_PROXY", "HTTPS_PROXY", "all_proxy"])
+def test_a_socks_proxy_is_refused_with_a_reason(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+    """A SOCKS proxy's connections are urllib3's own classes, which the budget's watchdog cannot end: the read is
+    refused, saying why and what to do, and nothing is connected (not the proxy, not the FHIR server)."""
+    with _dribbling_server() as (port, held):
+        monkeypatch.setenv(variable, f"socks5h://{LOOPBACK}:{port}")
+        server = FhirServer(BASE, "client-token", 5.0, 1_000_000, 5, FetchBudget(5.0))
+        with fhir_session() as session, pytest.raises(FhirFetchError, match=r"SOCKS proxy .* not supported") as caught:
+            server.get_json(f"{BASE}/Patient/p1", session)
+        assert "HTTP(S) proxy, or NO_PROXY" in str(caught.value)
+        time.sleep(0.2)
+        assert held == [], "the SOCKS proxy was contacted"
+
+
 def _self_signed(directory: Path) -> tuple[Path, Path]:
     """A certificate for 127.0.0.1 and its key, written to ``directory``."""
     key = ec.generate_private_key(ec.SECP256R1())
