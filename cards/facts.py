@@ -310,7 +310,9 @@ class ViralLoad:
         self.copies_per_ml = copies_per_ml
 
 
-@dataclass(slots=True)
+# Built once per call, with 26 fields: its __init__ is spelled out (init=False), a native constructor (see
+# cards/model.py above Coding).
+@dataclass(slots=True, init=False)
 class PatientFacts:
     """Everything the CMV rules know about the patient, each value with its provenance."""
 
@@ -338,6 +340,59 @@ class PatientFacts:
     manifestations: dict[str, Evidence] = field(default_factory=dict)
     medications: tuple[MedicationFact, ...] = ()
     orders: tuple[OrderFact, ...] = ()
+
+    def __init__(
+        self,
+        today: dt.date,
+        patient_source: str | None,
+        age_years: int | None,
+        sex: Sex,
+        *,
+        weight: Measurement | Unusable | None = None,
+        height: Measurement | Unusable | None = None,
+        creatinine: Measurement | Unusable | None = None,
+        anc: Measurement | Unusable | None = None,
+        platelets: Measurement | Unusable | None = None,
+        hemoglobin: Measurement | Unusable | None = None,
+        urine_protein: Measurement | Unusable | None = None,
+        viral_loads: tuple[ViralLoad, ...] = (),
+        pregnancy: Evidence | None = None,
+        dialysis: Evidence | None = None,
+        transplant: Evidence | None = None,
+        hiv: Evidence | None = None,
+        malabsorption: Evidence | None = None,
+        dic: Evidence | None = None,
+        resistance: Evidence | None = None,
+        severe: Evidence | None = None,
+        cmv_disease: Evidence | None = None,
+        manifestations: dict[str, Evidence] | None = None,
+        medications: tuple[MedicationFact, ...] = (),
+        orders: tuple[OrderFact, ...] = (),
+    ) -> None:
+        self.today = today
+        self.patient_source = patient_source
+        self.age_years = age_years
+        self.sex = sex
+        self.weight = weight
+        self.height = height
+        self.creatinine = creatinine
+        self.anc = anc
+        self.platelets = platelets
+        self.hemoglobin = hemoglobin
+        self.urine_protein = urine_protein
+        self.viral_loads = viral_loads
+        self.pregnancy = pregnancy
+        self.dialysis = dialysis
+        self.transplant = transplant
+        self.hiv = hiv
+        self.malabsorption = malabsorption
+        self.dic = dic
+        self.resistance = resistance
+        self.severe = severe
+        self.cmv_disease = cmv_disease
+        self.manifestations = {} if manifestations is None else manifestations
+        self.medications = medications
+        self.orders = orders
 
     @property
     def latest_viral_load(self) -> ViralLoad | None:

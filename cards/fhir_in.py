@@ -8,12 +8,11 @@ wording negates or qualifies the finding. The answers for each concept are memoi
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import functools
 import re
-from collections.abc import Iterator, Mapping
-from contextvars import ContextVar
+from collections.abc import Mapping
+from contextvars import ContextVar, Token
 from typing import Any, Final
 
 import orjson
@@ -154,17 +153,29 @@ def concept_sets(concept: Any) -> ConceptSets:
     return entry
 
 
-@contextlib.contextmanager
-def concept_memo() -> Iterator[None]:
-    """Memoise concept matching for the duration of the block (reentrant)."""
-    if _MEMO.get() is not None:
-        yield
-        return
-    token = _MEMO.set({})
-    try:
-        yield
-    finally:
-        _MEMO.reset(token)
+class ConceptMemo:
+    """The block of ``concept_memo``. A class rather than a ``contextlib.contextmanager`` generator: three blocks
+    are entered per hook call, and compiled (scripts/compile_hot_path.py) its ``__enter__``/``__exit__`` are native
+    calls, where the generator's wrapper runs as interpreted Python, a dozen Python calls per hook call."""
+
+    __slots__ = ("_token",)
+
+    def __init__(self) -> None:
+        self._token: Token[dict[int, ConceptSets] | None] | None = None
+
+    def __enter__(self) -> None:
+        if _MEMO.get() is None:  # reentrant: an inner block uses the outer block's memo
+            self._token = _MEMO.set({})
+
+    def __exit__(self, *_: object) -> None:
+        token, self._token = self._token, None
+        if token is not None:
+            _MEMO.reset(token)
+
+
+def concept_memo() -> ConceptMemo:
+    """Memoise concept matching for the duration of the block (reentrant): ``with concept_memo(): ...``."""
+    return ConceptMemo()
 
 
 def concept_label(concept: Any, fallback: str) -> str:

@@ -29,7 +29,9 @@ DRUG_SETS = (
 _DRUG_SET_NAMES = frozenset(DRUG_SETS)
 
 
-@dataclass(slots=True)
+# DraftDose and OrderFact, built on every call, spell out their __init__ (init=False): native constructors, see
+# cards/model.py above Coding.
+@dataclass(slots=True, init=False)
 class DraftDose:
     """The dose of a draft order as written: mg (None: not stated in mg), ``invalid`` for a zero or negative
     amount, doses per hour and route."""
@@ -39,8 +41,14 @@ class DraftDose:
     per_hour: float | None
     route: Route
 
+    def __init__(self, mg: float | None, invalid: str | None, per_hour: float | None, route: Route) -> None:
+        self.mg = mg
+        self.invalid = invalid
+        self.per_hour = per_hour
+        self.route = route
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, init=False)
 class OrderFact:
     """A selected draft order of a CMV antiviral: the drug, its dose as written, and what its words say about its
     phase (``text_phase``). ``resource`` is the validated draft, kept only to build update/delete actions."""
@@ -50,6 +58,15 @@ class OrderFact:
     drug: Drug
     dose: DraftDose
     text_phase: TextPhase | None
+
+    def __init__(
+        self, resource: Mapping[str, Any], id: str, drug: Drug, dose: DraftDose, text_phase: TextPhase | None
+    ) -> None:
+        self.resource = resource
+        self.id = id
+        self.drug = drug
+        self.dose = dose
+        self.text_phase = text_phase
 
 
 # --- medications --------------------------------------------------------------------------------------------------

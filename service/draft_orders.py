@@ -39,7 +39,9 @@ _PRE_R4_DOSE = ("doseQuantity", "doseRange", "rateQuantity", "rateRange", "rateR
 EPIC_ORDERED_DOSE = "https://open.epic.com/fhir/extensions/ordered-dose"
 
 
-@dataclass(frozen=True)
+# Built on every call: its __init__ is spelled out (init=False), a native constructor (see cards/model.py above
+# Coding).
+@dataclass(frozen=True, init=False)
 class DraftOrders:
     """Selected orders (validated, normalised copies) and the other draft orders (raw, context only).
 
@@ -49,6 +51,16 @@ class DraftOrders:
     selected: tuple[dict[str, Any], ...]
     others: tuple[dict[str, Any], ...]
     selected_paths: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        selected: tuple[dict[str, Any], ...],
+        others: tuple[dict[str, Any], ...],
+        selected_paths: tuple[str, ...] = (),
+    ) -> None:
+        object.__setattr__(self, "selected", selected)
+        object.__setattr__(self, "others", others)
+        object.__setattr__(self, "selected_paths", selected_paths)
 
 
 def _wrap(resource: dict[str, Any], names: tuple[str, ...]) -> None:
