@@ -70,6 +70,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         if issuer.fhir_servers is not None
     }
     profiles = ClientProfiles(settings)
+    fhir_server_prefixes = settings.fhir_server_prefixes  # parsed from CMV_CDS_FHIR_SERVER_ALLOWLIST once
     app.extensions["cmv_cds"] = {"settings": settings, "store": store, "authenticator": authenticator}
     register_error_handlers(app)
     if settings.preview_active:  # CMV_CDS_PREVIEW_ENABLED; otherwise /preview is a 404
@@ -203,16 +204,19 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     @app.post("/cds-services/<service:service_id>")
     def call_service(service_id: str) -> Response:
-        service = _service(service_id)
-        body = parse_json_object(_json_body())
+        # The request and the app-context globals looked up once (see _begin above).
+        state = current(g)
+        service = _service(service_id, state)
+        body = parse_json_object(_json_body(current(request)))
         validate_request(service, body)
-        g.hook_instance = body["hookInstance"]
+        state.hook_instance = body["hookInstance"]
+        issuer = state.get("issuer")
         access = FhirAccessPolicy(
-            prefixes=issuer_fhir_servers.get(g.get("issuer", ""), settings.fhir_server_prefixes),
+            prefixes=issuer_fhir_servers.get(issuer or "", fhir_server_prefixes),
             auth_required=settings.require_auth,
         )
         # Shaped for what the calling client can apply (cards.profiles); issued cards are recorded as answered.
-        cards = shape(run_hook(service, body, settings, access), profiles.for_issuer(g.get("issuer")))
+        cards = shape(run_hook(service, body, settings, access), profiles.for_issuer(issuer))
         rendered = [card.to_json() for card in cards]
         # Written behind by a background thread (service.store): the answer does not wait for the database.
         store.record_cards_later(
@@ -223,15 +227,15 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
                 for card in cards
             ],
         )
-        g.card_count = len(cards)
-        g.rules = [card.rule_id for card in cards]
+        state.card_count = len(cards)
+        state.rules = [card.rule_id for card in cards]
         metrics.count_cards(service.id, [(card.rule_id, card.indicator) for card in cards])
         return json_response({"cards": rendered})
 
     @app.post("/cds-services/<service_id>/feedback")
     def feedback(service_id: str) -> Response:
-        service = _service(service_id)
-        body = parse_json_object(_json_body())
+        service = _service(service_id, current(g))
+        body = parse_json_object(_json_body(current(request)))
         validate(body, "feedback.schema.json")
         result = store.store_feedback(service.id, read_feedback(body["feedback"]))  # Epic's form too
         log.info(
@@ -255,8 +259,9 @@ class _ServiceIdConverter(BaseConverter):
     part_isolating = True
 
 
-def _service(service_id: str) -> ServiceDefinition:
-    g.service_id = service_id if service_id in SERVICES else None
+def _service(service_id: str, state: Any) -> ServiceDefinition:
+    """The service a path names (``state``: the request's ``g``, which records it for the log line); 404 if none."""
+    state.service_id = service_id if service_id in SERVICES else None
     service = SERVICES.get(service_id)
     if service is None:
         raise NotFound(f"no CDS service with id '{service_id[:64]}'", expression="id")
@@ -276,13 +281,13 @@ def _add_cors_headers(req: Request, response: Response, allowed: frozenset[str])
     response.headers["Access-Control-Max-Age"] = "600"
 
 
-def _json_body() -> bytes:
+def _json_body(req: Request) -> bytes:
     """The raw body of a request that declares JSON (application/json or a +json type); 415 otherwise."""
-    mimetype = request.mimetype
+    mimetype = req.mimetype
     if mimetype != "application/json" and not mimetype.endswith("+json"):
         raise UnsupportedMediaType(f"Content-Type must be application/json (got '{mimetype[:64] or 'none'}')")
     try:
-        return request.get_data(cache=False)
+        return req.get_data(cache=False)
     except RequestEntityTooLarge:
         limit = current_app.config["MAX_CONTENT_LENGTH"]
         raise PayloadTooLarge(

@@ -60,7 +60,7 @@ class PrefetchTemplate:
 
     @property
     def resource_type(self) -> str:
-        return re.split(r"[/?]", self.query, maxsplit=1)[0]
+        return self.query.split("?", 1)[0].split("/", 1)[0]  # up to the first "/" or "?"
 
     @property
     def is_read(self) -> bool:
