@@ -310,7 +310,7 @@ class ViralLoad:
         self.copies_per_ml = copies_per_ml
 
 
-# Built once per call, with 26 fields: its __init__ is spelled out (init=False), a native constructor (see
+# Built once per call, with 24 fields: its __init__ is spelled out (init=False), a native constructor (see
 # cards/model.py above Coding).
 @dataclass(slots=True, init=False)
 class PatientFacts:
@@ -347,7 +347,6 @@ class PatientFacts:
         patient_source: str | None,
         age_years: int | None,
         sex: Sex,
-        *,
         weight: Measurement | Unusable | None = None,
         height: Measurement | Unusable | None = None,
         creatinine: Measurement | Unusable | None = None,

@@ -320,7 +320,7 @@ class FhirServer:
                     raise FhirFetchError(f"FHIR server answered HTTP {resp.status_code}")
                 body = _read_capped(resp, self.max_response_bytes, self.budget)
         except SocksProxyRefused as exc:
-            raise FhirFetchError(str(exc)) from None
+            raise FhirFetchError(str(exc)) from exc  # a transport error in the metrics (its cause)
         except requests.RequestException as exc:
             if self.budget.expired:
                 raise FhirDeadlineExceeded() from None

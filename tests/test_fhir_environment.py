@@ -33,6 +33,7 @@ from service.fhir_client import (
     environment_settings,
     fhir_session,
 )
+from service.metrics import fetch_error_kind
 
 BASE = "https://ehr.example.org/fhir"
 PATIENT = {"resourceType": "Patient", "id": "p1"}
@@ -247,6 +248,7 @@ def test_a_socks_proxy_is_refused_with_a_reason(monkeypatch: pytest.MonkeyPatch,
         with fhir_session() as session, pytest.raises(FhirFetchError, match=r"SOCKS proxy .* not supported") as caught:
             server.get_json(f"{BASE}/Patient/p1", session)
         assert "HTTP(S) proxy, or NO_PROXY" in str(caught.value)
+        assert fetch_error_kind(caught.value) == "transport"
         time.sleep(0.2)
         assert held == [], "the SOCKS proxy was contacted"
 
