@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 # Serum creatinine → mg/dL. µmol/L ÷ 88.4 (docs/policy.md §3; docs/clinical-basis.md §6).
 CREATININE_UMOL_PER_MG_DL = 88.4
@@ -127,10 +127,21 @@ VIRAL_LOAD_TO_IU_ML: dict[str, float] = {"[iu]/ml": 1.0, "iu/ml": 1.0}
 VIRAL_LOAD_COPIES: dict[str, float] = {"{copies}/ml": 1.0, "copies/ml": 1.0, "1/ml": 1.0}  # UCUM 1/mL: a count per mL
 
 
+# Units already keyed, across calls: every result of a laboratory spells its unit the same way, and keying one costs
+# six string operations. Bounded: units are the client's text, so past the bound new spellings are keyed uncached.
+_UNIT_KEYS: Final[dict[str, str]] = {}  # Final: compiled, a C static, no module-dict lookup
+_UNIT_KEYS_MAX = 1024
+
+
 def unit_key(unit: str) -> str:
     """A unit as the tables write it: lower case, no spaces, micro as "u" ("µmol/L", "μmol/L" → "umol/l"),
     a multiplication sign as "x" ("×10^9/L" → "x10^9/l")."""
-    return "".join(unit.split()).lower().replace("µ", "u").replace("μ", "u").replace("×", "x")
+    key = _UNIT_KEYS.get(unit)
+    if key is None:
+        key = "".join(unit.split()).lower().replace("µ", "u").replace("μ", "u").replace("×", "x")
+        if len(_UNIT_KEYS) < _UNIT_KEYS_MAX:
+            _UNIT_KEYS[unit] = key
+    return key
 
 
 def quantity_in(quantity: Any, table: Mapping[str, float]) -> float | None:

@@ -202,7 +202,9 @@ def split_draft_orders(context: Mapping[str, Any], *, all_selected: bool) -> Dra
             )
         if resource["resourceType"] != "MedicationRequest":
             continue  # selected lab, diet or imaging orders (and Epic's Medication entries) are out of scope
-        fixed = normalise_medication_request(resource)
+        # Read as it came when already in R4's shape (nothing downstream modifies it: the update action is
+        # built on a copy, cards.fhir_out), else a normalised copy.
+        fixed = normalise_medication_request(resource) if needs_reading(resource) else resource
         _validate_r4(fixed, where)
         patient_id = _subject_patient_id(fixed)
         if patient_id is not None and patient_id != context["patientId"]:

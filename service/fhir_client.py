@@ -118,6 +118,8 @@ class FetchBudget:
     def close(self) -> None:
         """The hook call is done with FHIR: stop the watchdog and close its duplicate descriptors (the connections
         themselves are the sessions' to close)."""
+        if self._timer is None and not self._sockets:
+            return  # nothing was watched: the call read no FHIR server (its prefetch was complete)
         with self._lock:
             sockets, self._sockets = self._sockets, set()
             timer, self._timer = self._timer, None

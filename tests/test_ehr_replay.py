@@ -8,6 +8,7 @@ constraints are checked one by one in tests/test_epic_profile.py.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,22 @@ def test_default_profile_answers_the_rules_cards_untouched(name: str, tmp_path: 
     shaped = shape(cards, ClientProfile())
     assert len(shaped) == len(cards)
     assert all(a is b for a, b in zip(shaped, cards, strict=True))
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("name", REPLAYS)
+def test_a_hook_call_leaves_the_request_it_read_as_it_was(name: str, profile: str) -> None:
+    """The selected drafts already in R4's shape are read in place, not copied (service.draft_orders): neither the
+    evaluation, nor the update actions built on them, nor the shaping for a client may change the request's data."""
+    body = replay(name)
+    before = copy.deepcopy(body)
+    service = SERVICES["cmv-antiviral-order-sign" if body["hook"] == "order-sign" else "cmv-antiviral-order-select"]
+    validate_request(service, body)
+    settings = Settings.load({"require_auth": False}, environ={})
+    with fhir_servers_answer_404():
+        cards = run_hook(service, body, settings, FhirAccessPolicy(prefixes=(), auth_required=False))
+    assert all(card.to_json() for card in shape(cards, ClientProfile(profile)))  # rendered as answered
+    assert body == before
 
 
 def test_the_neutropenic_patient_on_valganciclovir_by_reference_is_not_silent() -> None:

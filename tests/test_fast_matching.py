@@ -132,3 +132,25 @@ def test_the_text_search_memo_tells_patterns_apart_by_flags_and_stays_bounded(mo
         assert text_search(insensitive, f"ganciclovir {n}")
         assert not text_search(insensitive, f"foscarnet {n}")
         assert len(fhir_in._TEXT_SEARCHES) <= 50
+
+
+@pytest.mark.parametrize(
+    ("unit", "key"),
+    [
+        ("mg/dL", "mg/dl"),
+        ("µmol/L", "umol/l"),
+        ("μmol/L", "umol/l"),
+        ("×10^9/L", "x10^9/l"),
+        (" 10*3 / uL ", "10*3/ul"),
+    ],
+)
+def test_unit_keys_are_memoised_as_spelled_and_the_memo_stays_bounded(
+    monkeypatch: pytest.MonkeyPatch, unit: str, key: str
+) -> None:
+    from cards import units
+
+    assert units.unit_key(unit) == units.unit_key(unit) == key  # computed, then from the memo
+    monkeypatch.setattr(units, "_UNIT_KEYS_MAX", len(units._UNIT_KEYS) + 10)
+    for n in range(100):
+        assert units.unit_key(f"{n} MG/DL") == f"{n}mg/dl"  # past the bound: keyed, not kept
+    assert len(units._UNIT_KEYS) <= units._UNIT_KEYS_MAX
