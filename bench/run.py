@@ -303,6 +303,22 @@ def load_app(
         procs.stop(server.process)
 
 
+def source_revision(root: Path = ROOT) -> str:
+    """The commit measured, with ``+changes`` when tracked files differ from it (so a result says what it measured);
+    empty outside a git checkout or without git."""
+    try:
+        git = ["git", "-C", str(root)]
+        head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10)
+        status = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    if head.returncode != 0 or status.returncode != 0:
+        return ""
+    return head.stdout.strip() + ("+changes" if status.stdout.strip() else "")
+
+
 def _machine() -> dict[str, Any]:
     model = ""
     try:
@@ -315,7 +331,7 @@ def _machine() -> dict[str, Any]:
     wrk_version = ""
     wrk = find_wrk()
     if wrk:
-        out = subprocess.run([wrk, "--version"], capture_output=True, text=True, check=False).stdout
+        out = subprocess.run([wrk, "--version"], capture_output=True, text=True, check=False, timeout=10).stdout
         wrk_version = out.split("[")[0].strip()
     from importlib.metadata import version
 
@@ -338,7 +354,8 @@ def report(results: dict[str, Any]) -> str:
     m = results["machine"]
     noop, svc = results["noop"], results["service"]
     lines = [
-        f"CMV CDS benchmark  {results['started']}  label: {results['label'] or '-'}",
+        f"CMV CDS benchmark  {results['started']}  commit: {results.get('commit') or '-'}  "
+        f"label: {results['label'] or '-'}",
         f"machine: {m['cores']} cores ({m['cpu']}), load average at start {m['load_average_at_start']}; "
         f"Python {m['python']}, gunicorn {m['gunicorn']}, Flask {m['flask']}, {m['wrk']}",
         f"servers: gunicorn -c python:service.gunicorn_conf <app>, {WORKERS} sync workers, 127.0.0.1 only, "
@@ -545,6 +562,7 @@ def _run(args: argparse.Namespace, wrk: str, procs: Processes, tmp: Path) -> dic
     results: dict[str, Any] = {
         "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "label": args.label,
+        "commit": source_revision(),
         "machine": _machine(),
         "seconds": seconds,
         "recycle": args.recycle,

@@ -43,7 +43,8 @@ EPIC_ORDERED_DOSE = "https://open.epic.com/fhir/extensions/ordered-dose"
 # Coding).
 @dataclass(frozen=True, init=False)
 class DraftOrders:
-    """Selected orders (validated, normalised copies) and the other draft orders (raw, context only).
+    """Selected orders (validated; read into R4's shape, copied only when that changes them) and the other draft
+    orders (raw, context only).
 
     ``selected_paths`` names where each selected order sits in the request (for an error naming it).
     """

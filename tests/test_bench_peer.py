@@ -5,10 +5,12 @@ only what it says. The peer itself is built from PyPI by the benchmark, never by
 from __future__ import annotations
 
 import socket
+import subprocess
+from pathlib import Path
 from typing import Any
 
 from bench import peer
-from bench.run import peer_report
+from bench.run import peer_report, source_revision
 
 
 def block(rps: float, p99: float, cpu: float) -> dict[str, Any]:
@@ -129,3 +131,18 @@ def test_the_launcher_binds_the_listener_as_ipproto_tcp_and_nothing_else() -> No
                 assert accepted.proto == socket.IPPROTO_TCP  # what asyncio checks before TCP_NODELAY
     finally:
         sock.close()
+
+
+def test_a_result_names_the_commit_it_measured_and_whether_the_tree_had_changes(tmp_path: Path) -> None:
+    assert source_revision(tmp_path) == ""  # not a checkout
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=bench", "-c", "user.email=bench@example.org"]
+    subprocess.run([*git, "init", "-q"], check=True, timeout=30)
+    (tmp_path / "app.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "app.py"], check=True, timeout=30)
+    subprocess.run([*git, "commit", "-q", "-m", "one"], check=True, timeout=30)
+    head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=30)
+    assert source_revision(tmp_path) == head.stdout.strip()
+    (tmp_path / "notes.txt").write_text("untracked files are not the measured code\n")
+    assert source_revision(tmp_path) == head.stdout.strip()
+    (tmp_path / "app.py").write_text("x = 2\n")
+    assert source_revision(tmp_path) == head.stdout.strip() + "+changes"

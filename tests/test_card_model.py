@@ -109,16 +109,19 @@ def test_epic_card_differs_only_in_its_topic_code() -> None:
     assert {**card.to_json(), "source": None} == {**plain.to_json(), "source": None}
 
 
-# The other classes built on every call with a written __init__ (cards.renal, .regimen, .fhir_out, .engine,
-# .rules.common): every init field given, by keyword.
+# The other classes built on every call with a written __init__ (cards.renal, .facts, .orders, .regimen, .fhir_out,
+# .engine, .rules.common, service.draft_orders): every init field given, by keyword.
 def _constructed() -> list[tuple[type[Any], dict[str, Any]]]:
     from cards.dosing import GANCICLOVIR_ROWS
     from cards.engine import ClinicalOptions, HookRequest
-    from cards.facts import PatientFacts
+    from cards.facts import Evidence, Measurement, PatientFacts, Unusable, ViralLoad
     from cards.fhir_out import DoseSpec
+    from cards.orders import DraftDose, OrderFact
     from cards.regimen import MissingItem, Regimen, RenalInputs
     from cards.renal import Clearance, DosingWeight
     from cards.rules.common import Context, Options
+    from cards.therapy import MedicationFact
+    from service.draft_orders import DraftOrders
 
     row = next(row for row in GANCICLOVIR_ROWS if row.schedule is not None)
     assert row.schedule is not None
@@ -127,8 +130,36 @@ def _constructed() -> list[tuple[type[Any], dict[str, Any]]]:
     facts = PatientFacts(today=dt.date(2026, 3, 1), patient_source="Patient/1", age_years=54, sex="female")
     options = Options(dosing_weight="actual", high_viral_load_iu_ml=100000.0)
     missing = MissingItem("body weight", "no result on record", "BodyWeight")
+    day = dt.date(2026, 2, 27)
+    dose = DraftDose(mg=500.0, invalid=None, per_hour=None, route="iv")
+    order = OrderFact({"resourceType": "MedicationRequest", "id": "d1"}, "d1", "ganciclovir", dose, "induction")
+    tacrolimus = MedicationFact(
+        "MedicationRequest/m1", "tacrolimus", frozenset({"Calcineurin"}), "active", day, None, "oral", False, day
+    )
+
+    def lab(value: float, unit: str) -> Measurement:
+        return Measurement(value, unit, day, f"Observation/{unit}", False, "LOINC 1-8 lab", "", "")
+
+    def evidence(label: str) -> Evidence:
+        return Evidence(f"Condition/{label}", day, label)
+
     return [
         (Clearance, {"ml_min": 72.5, "ml_min_kg": 1.04, "sex_basis": "female"}),
+        (
+            PatientFacts,
+            {"today": dt.date(2026, 3, 1), "patient_source": "Patient/1", "age_years": 54, "sex": "female",
+             "weight": lab(70.0, "kg"), "height": lab(165.0, "cm"), "creatinine": lab(1.1, "mg/dL"),
+             "anc": lab(900.0, "/uL"), "platelets": lab(40000.0, "/uL"), "hemoglobin": lab(7.5, "g/dL"),
+             "urine_protein": Unusable("unit 'mmol/L' not recognised", "Observation/u", day),
+             "viral_loads": (ViralLoad(day, "Observation/v", 25000.0, False),), "pregnancy": evidence("pregnancy"),
+             "dialysis": evidence("dialysis"), "transplant": evidence("transplant"), "hiv": evidence("hiv"),
+             "malabsorption": evidence("malabsorption"), "dic": evidence("dic"), "resistance": evidence("UL97"),
+             "severe": evidence("severe"), "cmv_disease": evidence("colitis"),
+             "manifestations": {"colitis": evidence("colitis")}, "medications": (tacrolimus,), "orders": (order,)},
+        ),
+        (OrderFact, {"resource": {"id": "d2"}, "id": "d2", "drug": "foscarnet", "dose": dose, "text_phase": None}),
+        (DraftDose, {"mg": 450.0, "invalid": "a zero dose", "per_hour": 0.5, "route": "oral"}),
+        (DraftOrders, {"selected": ({"id": "d1"},), "others": ({"id": "d2"},), "selected_paths": ("entry[0]",)}),
         (DosingWeight, {"kg": 70.0, "basis": "actual body weight"}),
         (Options, {"dosing_weight": "adjusted", "high_viral_load_iu_ml": 50000.0}),
         (ClinicalOptions, {"dosing_weight": "adjusted", "high_viral_load_iu_ml": 50000.0}),
@@ -184,7 +215,7 @@ def test_the_written_constructors_set_every_field_and_keep_the_defaults(cls: typ
 
 
 def test_each_context_and_renal_inputs_gets_its_own_containers() -> None:
-    (context_cls, context_values), (renal_cls, renal_values) = CONSTRUCTED[6], CONSTRUCTED[7]
+    (context_cls, context_values), (renal_cls, renal_values) = CONSTRUCTED[10], CONSTRUCTED[11]
     first, second = context_cls(**context_values), context_cls(**context_values)
     assert first._regimens == first._phases == {}
     assert first._regimens is not second._regimens
