@@ -331,7 +331,10 @@ def _machine() -> dict[str, Any]:
     wrk_version = ""
     wrk = find_wrk()
     if wrk:
-        out = subprocess.run([wrk, "--version"], capture_output=True, text=True, check=False, timeout=10).stdout
+        try:
+            out = subprocess.run([wrk, "--version"], capture_output=True, text=True, check=False, timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            out = ""  # the version is only recorded; the load runs find out whether wrk works
         wrk_version = out.split("[")[0].strip()
     from importlib.metadata import version
 

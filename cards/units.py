@@ -128,9 +128,11 @@ VIRAL_LOAD_COPIES: dict[str, float] = {"{copies}/ml": 1.0, "copies/ml": 1.0, "1/
 
 
 # Units already keyed, across calls: every result of a laboratory spells its unit the same way, and keying one costs
-# six string operations. Bounded: units are the client's text, so past the bound new spellings are keyed uncached.
+# six string operations. Bounded, as units are the client's text: emptied when full (so junk cannot keep the real
+# spellings out for good), and a spelling longer than any unit is keyed without being kept.
 _UNIT_KEYS: Final[dict[str, str]] = {}  # Final: compiled, a C static, no module-dict lookup
 _UNIT_KEYS_MAX = 1024
+_CACHEABLE_UNIT = 64
 
 
 def unit_key(unit: str) -> str:
@@ -139,7 +141,9 @@ def unit_key(unit: str) -> str:
     key = _UNIT_KEYS.get(unit)
     if key is None:
         key = "".join(unit.split()).lower().replace("µ", "u").replace("μ", "u").replace("×", "x")
-        if len(_UNIT_KEYS) < _UNIT_KEYS_MAX:
+        if len(unit) <= _CACHEABLE_UNIT:
+            if len(_UNIT_KEYS) >= _UNIT_KEYS_MAX:
+                _UNIT_KEYS.clear()  # a dict's single operations are atomic under the GIL: threads may share it
             _UNIT_KEYS[unit] = key
     return key
 

@@ -9,6 +9,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bench import peer
 from bench.run import peer_report, source_revision
 
@@ -133,9 +135,15 @@ def test_the_launcher_binds_the_listener_as_ipproto_tcp_and_nothing_else() -> No
         sock.close()
 
 
-def test_a_result_names_the_commit_it_measured_and_whether_the_tree_had_changes(tmp_path: Path) -> None:
+def test_a_result_names_the_commit_it_measured_and_whether_the_tree_had_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # a checkout around tmp is not found
     assert source_revision(tmp_path) == ""  # not a checkout
     git = ["git", "-C", str(tmp_path), "-c", "user.name=bench", "-c", "user.email=bench@example.org"]
+    git += ["-c", "commit.gpgsign=false"]
     subprocess.run([*git, "init", "-q"], check=True, timeout=30)
     (tmp_path / "app.py").write_text("x = 1\n")
     subprocess.run([*git, "add", "app.py"], check=True, timeout=30)

@@ -215,7 +215,8 @@ def test_the_written_constructors_set_every_field_and_keep_the_defaults(cls: typ
 
 
 def test_each_context_and_renal_inputs_gets_its_own_containers() -> None:
-    (context_cls, context_values), (renal_cls, renal_values) = CONSTRUCTED[10], CONSTRUCTED[11]
+    by_name = {cls.__name__: (cls, values) for cls, values in CONSTRUCTED}
+    (context_cls, context_values), (renal_cls, renal_values) = by_name["Context"], by_name["RenalInputs"]
     first, second = context_cls(**context_values), context_cls(**context_values)
     assert first._regimens == first._phases == {}
     assert first._regimens is not second._regimens

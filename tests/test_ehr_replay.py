@@ -30,8 +30,9 @@ from fhir.resources.R4B.servicerequest import ServiceRequest
 from fhir_fixtures import dose_of
 from flask.testing import FlaskClient
 
+from bench import fixture
 from cards.engine import selects_cmv_antiviral
-from cards.profiles import ClientProfile, epic_topic_code, shape
+from cards.profiles import CDS_HOOKS_2, ClientProfile, epic_topic_code, shape
 from service.config import Settings
 from service.fhir_client import FhirAccessPolicy
 from service.hooks import run_hook, validate_request
@@ -191,20 +192,38 @@ def test_default_profile_answers_the_rules_cards_untouched(name: str, tmp_path: 
     assert all(a is b for a, b in zip(shaped, cards, strict=True))
 
 
+# The benchmark's request (bench/fixture.py) adds what no replay has: a selected draft already in R4's shape, with a
+# medicationCodeableConcept, that the service proposes to update (so the read-in-place draft is the one updated).
+BENCH_REQUEST = "bench/fixture.py order-select"
+
+
 @pytest.mark.parametrize("profile", PROFILES)
-@pytest.mark.parametrize("name", REPLAYS)
+@pytest.mark.parametrize("name", [*REPLAYS, BENCH_REQUEST])
 def test_a_hook_call_leaves_the_request_it_read_as_it_was(name: str, profile: str) -> None:
-    """The selected drafts already in R4's shape are read in place, not copied (service.draft_orders): neither the
-    evaluation, nor the update actions built on them, nor the shaping for a client may change the request's data."""
-    body = replay(name)
+    """A selected draft already in R4's shape is read in place, not copied (service.draft_orders): neither the
+    evaluation, nor the update actions built on it, nor the shaping for a client may change the request's data."""
+    body = fixture.order_select() if name == BENCH_REQUEST else replay(name)
     before = copy.deepcopy(body)
     service = SERVICES["cmv-antiviral-order-sign" if body["hook"] == "order-sign" else "cmv-antiviral-order-select"]
     validate_request(service, body)
     settings = Settings.load({"require_auth": False}, environ={})
     with fhir_servers_answer_404():
         cards = run_hook(service, body, settings, FhirAccessPolicy(prefixes=(), auth_required=False))
-    assert all(card.to_json() for card in shape(cards, ClientProfile(profile)))  # rendered as answered
+    rendered = [card.to_json() for card in shape(cards, ClientProfile(profile))]
     assert body == before
+    if name == BENCH_REQUEST and profile == CDS_HOOKS_2:  # the draft read in place is the one the update rewrites
+        entries = body["context"]["draftOrders"]["entry"]
+        (draft,) = [entry["resource"] for entry in entries if entry["resource"]["id"] == "draft-gcv"]
+        proposed = [
+            action["resource"]
+            for card in rendered
+            for action in actions_of(card)
+            if action.get("resource", {}).get("resourceType") == "MedicationRequest"
+        ]
+        assert proposed
+        assert all(resource is not draft for resource in proposed)
+        # 400 mg proposed for the 500 mg written
+        assert any(resource["dosageInstruction"] != draft["dosageInstruction"] for resource in proposed)
 
 
 def test_the_neutropenic_patient_on_valganciclovir_by_reference_is_not_silent() -> None:

@@ -149,8 +149,16 @@ def test_unit_keys_are_memoised_as_spelled_and_the_memo_stays_bounded(
 ) -> None:
     from cards import units
 
-    assert units.unit_key(unit) == units.unit_key(unit) == key  # computed, then from the memo
-    monkeypatch.setattr(units, "_UNIT_KEYS_MAX", len(units._UNIT_KEYS) + 10)
-    for n in range(100):
-        assert units.unit_key(f"{n} MG/DL") == f"{n}mg/dl"  # past the bound: keyed, not kept
-    assert len(units._UNIT_KEYS) <= units._UNIT_KEYS_MAX
+    memo = units._UNIT_KEYS
+    memo.pop(unit, None)
+    assert units.unit_key(unit) == key  # computed, and kept
+    assert memo[unit] == key
+    assert units.unit_key(unit) == key  # from the memo
+    long_unit = "mg/dL" + " " * 100
+    assert units.unit_key(long_unit) == "mg/dl"
+    assert long_unit not in memo  # longer than any unit: keyed, not kept
+    monkeypatch.setattr(units, "_UNIT_KEYS_MAX", 50)
+    for n in range(300):
+        assert units.unit_key(f"{n} MG/DL") == f"{n}mg/dl"
+        assert len(memo) <= 50  # emptied when full
+    memo.clear()  # a cache: the next reads key their units again
