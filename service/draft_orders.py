@@ -14,15 +14,15 @@ the shapes real clients send have been read into R4 (``normalise_medication_requ
   ``doseQuantity`` of its own. The standard element wins when both are present. The extension itself is
   kept, and so is Epic's ``admin-amount`` (tablets per administration, not a dose).
 
-Non-selected orders and prefetched MedicationRequests get the same reading (``read_medication_request``,
-which copies only what it changes) but are never validated, so a malformed one cannot sink the request.
+Every MedicationRequest is read that way (``read_medication_request``, which copies only what it changes); the
+non-selected orders and prefetched ones are never validated, so a malformed one cannot sink the request.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from cards.fhir_out import json_copy
 from service.draft_schema import draft_schema
@@ -135,9 +135,13 @@ def normalise_medication_request(resource: Mapping[str, Any]) -> dict[str, Any]:
     return fixed
 
 
-def read_medication_request(resource: Mapping[str, Any]) -> Mapping[str, Any]:
-    """``resource`` itself when it is already in R4's shape, else a normalised copy. For context data (other
-    drafts, prefetched MedicationRequests), which is read but never validated or sent back."""
+# A resource as the caller holds it: a selected draft (a dict, validated next) or context data (any mapping).
+_Resource = TypeVar("_Resource", bound=Mapping[str, Any])
+
+
+def read_medication_request(resource: _Resource) -> _Resource | dict[str, Any]:
+    """``resource`` itself when it is already in R4's shape, else a normalised copy. Nothing downstream modifies
+    what it returns (an update action is built on its own copy, cards.fhir_out), so no copy is made to protect it."""
     return normalise_medication_request(resource) if needs_reading(resource) else resource
 
 
@@ -203,9 +207,7 @@ def split_draft_orders(context: Mapping[str, Any], *, all_selected: bool) -> Dra
             )
         if resource["resourceType"] != "MedicationRequest":
             continue  # selected lab, diet or imaging orders (and Epic's Medication entries) are out of scope
-        # Read as it came when already in R4's shape (nothing downstream modifies it: the update action is
-        # built on a copy, cards.fhir_out), else a normalised copy.
-        fixed = normalise_medication_request(resource) if needs_reading(resource) else resource
+        fixed = read_medication_request(resource)
         _validate_r4(fixed, where)
         patient_id = _subject_patient_id(fixed)
         if patient_id is not None and patient_id != context["patientId"]:

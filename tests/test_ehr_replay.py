@@ -32,6 +32,7 @@ from flask.testing import FlaskClient
 
 from bench import fixture
 from cards.engine import selects_cmv_antiviral
+from cards.model import Card
 from cards.profiles import CDS_HOOKS_2, ClientProfile, epic_topic_code, shape
 from service.config import Settings
 from service.fhir_client import FhirAccessPolicy
@@ -178,15 +179,19 @@ def test_medications_in_the_request_need_no_fhir_read(clients: dict[str, FlaskCl
     assert len(mock.calls) == 0
 
 
-@pytest.mark.parametrize("name", REPLAYS)
-def test_default_profile_answers_the_rules_cards_untouched(name: str, tmp_path: Path) -> None:
-    """cds-hooks-2.0: the answer is exactly the rules' cards (``shape`` returns them as they are)."""
-    body = replay(name)
+def rules_cards(body: dict[str, Any]) -> list[Card]:
+    """The rules' cards for a validated request, in process, every FHIR server answering 404."""
     service = SERVICES["cmv-antiviral-order-sign" if body["hook"] == "order-sign" else "cmv-antiviral-order-select"]
     validate_request(service, body)
     settings = Settings.load({"require_auth": False}, environ={})
     with fhir_servers_answer_404():
-        cards = run_hook(service, body, settings, FhirAccessPolicy(prefixes=(), auth_required=False))
+        return run_hook(service, body, settings, FhirAccessPolicy(prefixes=(), auth_required=False))
+
+
+@pytest.mark.parametrize("name", REPLAYS)
+def test_default_profile_answers_the_rules_cards_untouched(name: str, tmp_path: Path) -> None:
+    """cds-hooks-2.0: the answer is exactly the rules' cards (``shape`` returns them as they are)."""
+    cards = rules_cards(replay(name))
     shaped = shape(cards, ClientProfile())
     assert len(shaped) == len(cards)
     assert all(a is b for a, b in zip(shaped, cards, strict=True))
@@ -204,12 +209,7 @@ def test_a_hook_call_leaves_the_request_it_read_as_it_was(name: str, profile: st
     evaluation, nor the update actions built on it, nor the shaping for a client may change the request's data."""
     body = fixture.order_select() if name == BENCH_REQUEST else replay(name)
     before = copy.deepcopy(body)
-    service = SERVICES["cmv-antiviral-order-sign" if body["hook"] == "order-sign" else "cmv-antiviral-order-select"]
-    validate_request(service, body)
-    settings = Settings.load({"require_auth": False}, environ={})
-    with fhir_servers_answer_404():
-        cards = run_hook(service, body, settings, FhirAccessPolicy(prefixes=(), auth_required=False))
-    rendered = [card.to_json() for card in shape(cards, ClientProfile(profile))]
+    rendered = [card.to_json() for card in shape(rules_cards(body), ClientProfile(profile))]
     assert body == before
     if name == BENCH_REQUEST and profile == CDS_HOOKS_2:  # the draft read in place is the one the update rewrites
         entries = body["context"]["draftOrders"]["entry"]
